@@ -1,0 +1,1 @@
+"""The default configuration (retracer.toml), shipped inside the package as retracer.defaults."""

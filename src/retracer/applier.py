@@ -1,0 +1,186 @@
+"""The one apply path: an event (from the bus, the inbox, a CLI command or the service itself) becomes a
+transition, its history row, its mails, and a processed-event marker, all in the caller's transaction.
+
+Exactly-once rests on the marker: an event id already in ``processed_event`` changes nothing. A malformed
+or refused event is kept in ``rejected`` with its reason, in the same transaction, and never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from . import events as ev
+from .config import Config
+from .effects import EFFECTS
+from .errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
+from .guards import TriggerContext
+from .models import History, Job, ProcessedEvent, Rejected, SpuriousPattern, utcnow
+from .notify import queue_mails
+from .policy import FailurePolicy
+from .workflow import Change, Workflow, load
+
+log = logging.getLogger("retracer.apply")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one event: applied, duplicate (already applied) or rejected (with the reason)."""
+
+    status: str
+    event_id: str | None
+    event_type: str | None
+    job_id: int | None
+    trigger: str | None = None
+    source: str | None = None
+    dest: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class Applier:
+    """Applies events and admin triggers through the workflow machine."""
+
+    def __init__(self, config: Config, workflow: Workflow | None = None) -> None:
+        self.config = config
+        self.workflow = workflow or load()
+        self.admins: list[str] = list(config["mail"]["admins"])
+
+    def policy(self, session: Session) -> FailurePolicy:
+        extra = session.scalars(select(SpuriousPattern.pattern).order_by(SpuriousPattern.id)).all()
+        return FailurePolicy.from_config(self.config["policy"], extra)
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def apply_batch(self, session: Session, bodies: Sequence[str | bytes | dict[str, Any]]) -> list[Outcome]:
+        """Apply events in order inside the caller's transaction; one outcome per body."""
+        parsed: list[ev.Event | InvalidEvent] = []
+        for body in bodies:
+            try:
+                parsed.append(ev.parse(body))
+            except InvalidEvent as exc:
+                parsed.append(exc)
+        ids = [p.id for p in parsed if isinstance(p, ev.Event)]
+        seen = set(session.scalars(select(ProcessedEvent.event_id).where(ProcessedEvent.event_id.in_(ids))))
+        policy = self.policy(session) if any(isinstance(p, ev.Event) and p.type == "retrace.failed"
+                                             for p in parsed) else None
+        outcomes = []
+        for body, item in zip(bodies, parsed, strict=True):
+            if isinstance(item, InvalidEvent):
+                outcomes.append(self._reject(session, body, None, str(item)))
+                continue
+            if item.id in seen:
+                outcomes.append(Outcome("duplicate", item.id, item.type, item.job))
+                continue
+            seen.add(item.id)
+            outcomes.append(self._apply(session, item, body, policy))
+        return outcomes
+
+    def _apply(self, session: Session, event: ev.Event, body: Any, policy: FailurePolicy | None) -> Outcome:
+        ctx = TriggerContext(data=dict(event.data), by=f"event:{event.source}", event_id=event.id,
+                             policy=policy)
+        now = utcnow()
+        try:
+            if event.type == "crash.submitted":
+                job = Job()
+                change = self.workflow.create(job, ctx)
+            else:
+                job = self._job(session, event.job)
+                trigger = self._trigger_for(event.type, job)
+                change = self.workflow.fire(job, trigger, ctx)
+        except RetracerError as exc:
+            return self._reject(session, body, event, str(exc))
+        self._record(session, job, change, ctx, now)
+        session.add(ProcessedEvent(event_id=event.id, job_id=job.id, outcome="applied", at=now))
+        log.info("applied", extra={"event_id": event.id, "event_type": event.type, "job": job.id,
+                                   "trigger": change.trigger, "from": change.source, "to": change.dest})
+        return Outcome("applied", event.id, event.type, job.id, change.trigger, change.source, change.dest)
+
+    def _trigger_for(self, event_type: str, job: Job) -> str:
+        triggers = self.workflow.triggers_for_event(event_type)
+        for trigger in triggers:
+            if self.workflow.candidates(trigger, job.state):
+                return trigger
+        raise TransitionRefused(job.id, job.state, triggers[0] if triggers else event_type,
+                                f"event {event_type} does not apply to a {job.state} job",
+                                self.workflow.allowed_from(job.state))
+
+    def _reject(self, session: Session, body: Any, event: ev.Event | None, reason: str) -> Outcome:
+        known = event.to_dict() if event is not None else ev.peek(body)
+        text = body if isinstance(body, str) else (
+            body.decode("utf-8", "replace") if isinstance(body, bytes | bytearray) else json.dumps(body, default=str))
+        session.add(Rejected(event_id=known.get("id"), event_type=known.get("type"), job_id=known.get("job"),
+                             body=text, reason=reason))
+        if event is not None:
+            # A redelivered copy of a rejected event is a duplicate, not a second rejection.
+            session.add(ProcessedEvent(event_id=event.id, job_id=event.job, outcome="rejected"))
+        log.warning("rejected", extra={"event_id": known.get("id"), "event_type": known.get("type"),
+                                       "job": known.get("job"), "reason": reason})
+        return Outcome("rejected", known.get("id"), known.get("type"), known.get("job"), reason=reason)
+
+    # -- admin and service triggers -----------------------------------------------------------------
+
+    def fire(self, session: Session, job_id: int, trigger: str, by: str, reason: str | None = None,
+             data: dict[str, Any] | None = None, event_id: str | None = None,
+             policy: FailurePolicy | None = None) -> Change:
+        """Fire a trigger on a job for an admin or the service itself; raises TransitionRefused."""
+        job = self._job(session, job_id, lock=True)
+        ctx = TriggerContext(data=dict(data or {}), by=by, reason=reason, event_id=event_id,
+                             policy=policy or self.policy(session))
+        change = self.workflow.fire(job, trigger, ctx)
+        self._record(session, job, change, ctx, utcnow())
+        if event_id is not None:
+            session.add(ProcessedEvent(event_id=event_id, job_id=job.id, outcome="applied"))
+        return change
+
+    # -- shared --------------------------------------------------------------------------------------
+
+    def _job(self, session: Session, job_id: int | None, lock: bool = False) -> Job:
+        stmt = select(Job).where(Job.id == job_id)
+        if lock:
+            stmt = stmt.with_for_update()
+        job = session.scalars(stmt).one_or_none()
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def _record(self, session: Session, job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+        EFFECTS[change.trigger](job, change, ctx, now)
+        if job.id is None:
+            session.add(job)
+            session.flush()  # the new job's id goes into its history, its mails and the submitter's answer
+        if not change.record:
+            return
+        history = History(job=job, from_state=change.source, to_state=change.dest, trigger=change.trigger,
+                          event_id=ctx.event_id, actor=ctx.by, reason=_reason(job, change, ctx), at=now)
+        session.add(history)
+        if change.moved:
+            queue_mails(session, self.workflow, job, history, change, self.admins)
+
+
+def _reason(job: Job, change: Change, ctx: TriggerContext) -> str | None:
+    if ctx.reason:
+        return ctx.reason
+    if change.dest == "ON_HOLD":
+        return job.hold_reason
+    if change.trigger in ("retrace_failed", "heartbeat_lost"):
+        first = (job.last_error or "").strip().splitlines()
+        return f"attempt {job.attempts} failed: {first[0][:300] if first else 'no error text'}"
+    if change.trigger in ("upload_failed", "rescue_failed"):
+        first = (job.upload_log or "").strip().splitlines()
+        return f"upload failed: {first[0][:300]}" if first else None
+    return None
+
+
+def history_of(session: Session, job_id: int) -> list[History]:
+    return list(session.scalars(select(History).where(History.job_id == job_id).order_by(History.id)))
+

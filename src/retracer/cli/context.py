@@ -1,0 +1,100 @@
+"""What every subcommand shares: the configuration, the database, output helpers."""
+
+from __future__ import annotations
+
+import getpass
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import click
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .. import config as cfg
+from .. import db
+
+
+class AppContext:
+    """Loads the configuration and opens the database only when a command needs them."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._config: cfg.Config | None = None
+        self._engine: Engine | None = None
+        self._factory: sessionmaker[Session] | None = None
+
+    @property
+    def config(self) -> cfg.Config:
+        if self._config is None:
+            self._config = cfg.load(self.config_path)
+        return self._config
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = db.make_engine(self.config.database_url)
+        return self._engine
+
+    @property
+    def factory(self) -> sessionmaker[Session]:
+        """Sessions on a database whose schema is current (else DatabaseNotReady says to upgrade)."""
+        if self._factory is None:
+            db.check_schema(self.engine)
+            self._factory = db.session_factory(self.engine)
+        return self._factory
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with db.transaction(self.factory) as session:
+            yield session
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+pass_app = click.make_pass_decorator(AppContext)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+dry_run_option = click.option("--dry-run", is_flag=True, help="Check and report; change nothing.")
+actor_option = click.option("--as", "actor", default=None, metavar="NAME",
+                            help="Who is acting, for the job's history (default: your login name).")
+
+
+def actor_name(given: str | None) -> str:
+    return f"admin:{given or getpass.getuser()}"
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=_default, sort_keys=False))
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot print {type(value).__name__} as JSON")
+
+
+def when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def elapsed(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain left-aligned table; long cells are kept whole (this is for terminals and doctests)."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)

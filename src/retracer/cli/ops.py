@@ -1,0 +1,44 @@
+"""Running retracer: db upgrade, check-config."""
+
+from __future__ import annotations
+
+import click
+
+from .. import db
+from . import cli
+from .context import AppContext, emit_json, json_option, pass_app
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The database schema."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@pass_app
+def db_upgrade(app: AppContext, revision: str) -> None:
+    """Create or migrate the schema (alembic); safe to run again."""
+    url = app.config.database_url
+    db.upgrade(url, revision)
+    click.echo(f"database {app.engine.url.render_as_string(hide_password=True)} is at revision "
+               f"{db.head_revision() if revision == 'head' else revision}")
+
+
+@cli.command("check-config")
+@json_option
+@pass_app
+def check_config(app: AppContext, as_json: bool) -> None:
+    """Validate the configuration and print the effective values (and where each came from)."""
+    config = app.config
+    shown = config.describe()
+    if as_json:
+        emit_json({"config_file": config.path, "effective": shown, "origin": config.origin})
+        return
+    click.echo(f"configuration OK (file: {config.path or 'built-in defaults only'})")
+    for section, values in shown.items():
+        click.echo(f"\n[{section}]")
+        for key, value in values.items():
+            origin = config.origin.get(f"{section}.{key}")
+            note = f"  # {origin}" if origin and origin != "default" else ""
+            click.echo(f"{key} = {value!r}{note}")

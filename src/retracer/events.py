@@ -1,0 +1,220 @@
+"""The event contract: a JSON envelope, its types, and validation that names every problem.
+
+Envelope: {"id", "type", "job", "occurred_at", "source", "data"}. Unknown data fields are kept (more are
+welcome); known ones are checked for type and size so that nothing oversized or malformed reaches the
+database or a mail header.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import InvalidEvent
+
+MAX_BODY_BYTES = 2 * 1024 * 1024
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~:@-]*$")
+HEX = re.compile(r"^[0-9a-fA-F]{8,128}$")
+EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$|^[^@\s<>,;\"]+@localhost$")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: The routing key of the work requests that `serve` sends to workers.
+WORK_REQUEST = "retrace.requested"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One validated event."""
+
+    id: str
+    type: str
+    job: int | None
+    occurred_at: datetime
+    source: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "job": self.job,
+                "occurred_at": self.occurred_at.isoformat().replace("+00:00", "Z"),
+                "source": self.source, "data": self.data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+Check = Callable[[Any], str | None]
+
+
+def _text(max_len: int, *, single_line: bool = True, pattern: re.Pattern[str] | None = None,
+          what: str = "") -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            return "must be a non-empty string"
+        if len(value) > max_len:
+            return f"is {len(value)} characters long, at most {max_len} allowed"
+        if single_line and CONTROL.search(value):
+            return "must not contain control characters (CR, LF, NUL, ...)"
+        if pattern is not None and not pattern.match(value):
+            return f"is not {what}"
+        return None
+
+    return check
+
+
+def _long_text(max_len: int) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            return "must be a non-empty string"
+        if len(value) > max_len:
+            return f"is {len(value)} characters long, at most {max_len} allowed"
+        if "\x00" in value:
+            return "must not contain NUL characters"
+        return None
+
+    return check
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _priority(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "must be an integer"
+    return None if -1000 <= value <= 1000 else "must be between -1000 and 1000"
+
+
+def _build_ids(value: Any) -> str | None:
+    if not isinstance(value, list) or len(value) > 512:
+        return "must be a list of at most 512 hex build-ids"
+    bad = [v for v in value if not isinstance(v, str) or not HEX.match(v)]
+    return f"has entries that are not hex build-ids: {bad[:3]!r}" if bad else None
+
+
+PATH = _text(4096)
+NAME = _text(200)
+LEAF = _text(255, pattern=SAFE_NAME, what="a plain directory name (letters, digits, . _ + ~ : @ -)")
+
+#: type -> (needs a job id, required data fields, optional data fields)
+TYPES: dict[str, tuple[bool, dict[str, Check], dict[str, Check]]] = {
+    "crash.submitted": (False, {
+        "crash_id": _text(200),
+        "creator": _text(320, pattern=EMAIL, what="an email address"),
+        "package": NAME,
+        "version": NAME,
+        "architecture": _text(50, pattern=SAFE_NAME, what="an architecture name"),
+        "release": _text(100),
+        "core": PATH,
+        "executable": PATH,
+    }, {"build_ids": _build_ids, "priority": _priority}),
+    "retrace.started": (True, {"worker": NAME}, {}),
+    "retrace.heartbeat": (True, {"worker": NAME}, {}),
+    "retrace.failed": (True, {"error": _long_text(65536)}, {"transient": _bool, "worker": NAME}),
+    "upload.accepted": (True, {"leaf": LEAF}, {"result": _long_text(1024 * 1024)}),
+    "upload.failed": (True, {"leaf": LEAF, "upload_log": _long_text(1024 * 1024)}, {}),
+}
+
+
+def parse_time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 time string")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError("must carry a time zone (e.g. 2026-11-21T08:00:00Z)")
+    return when.astimezone(UTC)
+
+
+def parse(body: str | bytes | dict[str, Any]) -> Event:
+    """Validate one event; raise InvalidEvent listing every problem found."""
+    if isinstance(body, bytes | bytearray):
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidEvent(f"event is {len(body)} bytes, at most {MAX_BODY_BYTES} allowed")
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(f"event is not UTF-8: {exc}") from None
+    if isinstance(body, str):
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidEvent(f"event is {len(body)} characters, at most {MAX_BODY_BYTES} allowed")
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise InvalidEvent(f"event is not JSON: {exc}") from None
+    else:
+        raw = body
+    if not isinstance(raw, dict):
+        raise InvalidEvent(f"event must be a JSON object, got {type(raw).__name__}")
+    problems: list[str] = []
+    extra = sorted(set(raw) - {"id", "type", "job", "occurred_at", "source", "data"})
+    if extra:
+        problems.append(f"unknown envelope fields {extra}; put extra information under data")
+    event_id = raw.get("id")
+    if (err := _text(200)(event_id)) is not None:
+        problems.append(f"id {err}")
+    etype = raw.get("type")
+    spec = TYPES.get(etype) if isinstance(etype, str) else None
+    if spec is None:
+        problems.append(f"type {etype!r} is unknown; known types: {', '.join(TYPES)}")
+    job = raw.get("job")
+    if spec is not None:
+        if spec[0] and (isinstance(job, bool) or not isinstance(job, int) or job < 1):
+            problems.append(f"job must be a positive integer job id for {etype}, got {job!r}")
+        if not spec[0] and job is not None:
+            problems.append(f"job must be null for {etype} (the job does not exist yet), got {job!r}")
+    occurred: datetime | None = None
+    try:
+        occurred = parse_time(raw.get("occurred_at"))
+    except ValueError as exc:
+        problems.append(f"occurred_at {exc}")
+    if (err := _text(200)(raw.get("source"))) is not None:
+        problems.append(f"source {err}")
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        problems.append("data must be a JSON object")
+    elif spec is not None:
+        for name, check in spec[1].items():
+            if name not in data:
+                problems.append(f"data.{name} is required for {etype}")
+            elif (err := check(data[name])) is not None:
+                problems.append(f"data.{name} {err}")
+        for name, check in spec[2].items():
+            if name in data and (err := check(data[name])) is not None:
+                problems.append(f"data.{name} {err}")
+    if problems:
+        raise InvalidEvent("; ".join(problems))
+    assert occurred is not None and isinstance(data, dict)  # for the type checker: no problems were found
+    return Event(event_id, etype, job, occurred, raw["source"], data)  # type: ignore[arg-type]
+
+
+def make(etype: str, job: int | None, data: dict[str, Any], source: str, event_id: str | None = None,
+         occurred_at: datetime | None = None) -> Event:
+    """Build and validate an event (for publishers, admin commands and tests)."""
+    when = occurred_at or datetime.now(UTC)
+    return parse({"id": event_id or str(uuid.uuid4()), "type": etype, "job": job,
+                  "occurred_at": when.isoformat(), "source": source, "data": data})
+
+
+def peek(body: str | bytes | dict[str, Any]) -> dict[str, Any]:
+    """Whatever id/type/job can be read from a body that failed validation, for the rejected list."""
+    try:
+        raw = json.loads(body) if isinstance(body, str | bytes) else body
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(raw.get("id"), str):
+        out["id"] = raw["id"][:200]
+    if isinstance(raw.get("type"), str):
+        out["type"] = raw["type"][:100]
+    if isinstance(raw.get("job"), int) and not isinstance(raw.get("job"), bool) and 0 < raw["job"] < 2**62:
+        out["job"] = raw["job"]
+    return out

@@ -1,0 +1,257 @@
+"""The database schema: jobs, their history, and the tables that make effects exactly-once.
+
+Only the workflow machine writes ``Job.state``: any other assignment raises StateWriteRefused, the way
+Launchpad makes direct writes to a build's status fail.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
+
+from .errors import StateWriteRefused
+
+STATES = ("PENDING", "RETRACING", "FAILEDTOUPLOAD", "FULLYBUILT", "ON_HOLD")
+
+_machine_writing: contextvars.ContextVar[bool] = contextvars.ContextVar("machine_writing", default=False)
+
+
+@contextmanager
+def machine_writes() -> Iterator[None]:
+    """Let the workflow machine (and nothing else) assign ``Job.state`` inside this block."""
+    token = _machine_writing.set(True)
+    try:
+        yield
+    finally:
+        _machine_writing.reset(token)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on both databases (SQLite would otherwise hand back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use retracer.models.utcnow()")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Job(Base):
+    """A crash to retrace, and where it is in the workflow."""
+
+    __tablename__ = "job"
+    __table_args__ = (
+        CheckConstraint("state IN ('" + "', '".join(STATES) + "')", name="state"),
+        # The dispatcher's order: sticky manual priority first, then priority, then age.
+        Index("ix_job_dispatch", "state", "manual_priority", "priority", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    crash_id: Mapped[str] = mapped_column(String(200), index=True)
+    creator: Mapped[str] = mapped_column(String(320))
+    package: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(200))
+    architecture: Mapped[str] = mapped_column(String(50))
+    release: Mapped[str] = mapped_column(String(100))
+    core: Mapped[str] = mapped_column(Text)
+    executable: Mapped[str] = mapped_column(Text)
+    build_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    manual_priority: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_heartbeat: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    upload_leaf: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    upload_log: Mapped[str | None] = mapped_column(Text, nullable=True)
+    hold_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failure_pattern: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    version_id: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+
+    history: Mapped[list[History]] = relationship(
+        back_populates="job", order_by="History.id", cascade="all, delete-orphan"
+    )
+
+    __mapper_args__ = {"version_id_col": version_id}
+
+    @validates("state")
+    def _only_the_machine(self, key: str, value: str) -> str:
+        if not _machine_writing.get():
+            raise StateWriteRefused(
+                f"job {self.id}: state is written only by the workflow machine; "
+                f"fire a trigger (retracer.workflow.load().fire) instead of assigning {value!r}"
+            )
+        return value
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.state} {self.package} {self.version}>"
+
+
+class History(Base):
+    """One row per recorded transition: from, to, trigger, who or which event, why, when."""
+
+    __tablename__ = "history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    to_state: Mapped[str] = mapped_column(String(20))
+    trigger: Mapped[str] = mapped_column(String(50))
+    event_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="history")
+
+
+class ProcessedEvent(Base):
+    """Every event id ever applied or rejected, written in the same transaction as its effects."""
+
+    __tablename__ = "processed_event"
+
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Inbox(Base):
+    """The embedded bus: publishers append events here; `serve` drains them in order."""
+
+    __tablename__ = "inbox"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    body: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Outbox(Base):
+    """Messages leaving the process (work requests, notices), written with the transition, sent after commit."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    routing_key: Mapped[str] = mapped_column(String(100), index=True)
+    message_id: Mapped[str] = mapped_column(String(200), unique=True)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+
+
+class Rejected(Base):
+    """An event that could not be applied, kept whole with the reason, until an admin replays it."""
+
+    __tablename__ = "rejected"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    event_type: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    body: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Mail(Base):
+    """A notification to one recipient for one transition; unique per (job, transition, recipient)."""
+
+    __tablename__ = "mail"
+    __table_args__ = (UniqueConstraint("job_id", "history_id", "recipient", name="uq_mail_once"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    history_id: Mapped[int] = mapped_column(ForeignKey("history.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(20))
+    recipient: Mapped[str] = mapped_column(String(320), index=True)
+    rationale: Mapped[str] = mapped_column(String(50))
+    context: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    message_id: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    digest_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    history: Mapped[History] = relationship()
+
+
+class SpuriousPattern(Base):
+    """An admin-registered regular expression: a failure whose error matches it is transient."""
+
+    __tablename__ = "spurious_pattern"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pattern: Mapped[str] = mapped_column(Text, unique=True)
+    reason: Mapped[str] = mapped_column(Text)
+    added_by: Mapped[str] = mapped_column(String(200))
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Audit(Base):
+    """Admin actions that are not job transitions (spurious patterns, replays), with who and why."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(50))
+    detail: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,1 @@
+"""The workflow file (workflow.toml), shipped inside the package as retracer.states."""

@@ -1,0 +1,1 @@
+"""Mail templates, shipped inside the package as retracer.email_templates."""
