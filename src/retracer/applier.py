@@ -76,7 +76,7 @@ class Applier:
         outcomes = []
         for body, item in zip(bodies, parsed, strict=True):
             if isinstance(item, InvalidEvent):
-                outcomes.append(self._reject(session, body, None, str(item)))
+                outcomes.append(self.reject(session, body, None, str(item)))
                 continue
             if item.id in seen:
                 outcomes.append(Outcome("duplicate", item.id, item.type, item.job))
@@ -98,7 +98,7 @@ class Applier:
                 trigger = self._trigger_for(event.type, job)
                 change = self.workflow.fire(job, trigger, ctx)
         except RetracerError as exc:
-            return self._reject(session, body, event, str(exc))
+            return self.reject(session, body, event, str(exc))
         self._record(session, job, change, ctx, now)
         session.add(ProcessedEvent(event_id=event.id, job_id=job.id, outcome="applied", at=now))
         log.info("applied", extra={"event_id": event.id, "event_type": event.type, "job": job.id,
@@ -114,7 +114,7 @@ class Applier:
                                 f"event {event_type} does not apply to a {job.state} job",
                                 self.workflow.allowed_from(job.state))
 
-    def _reject(self, session: Session, body: Any, event: ev.Event | None, reason: str) -> Outcome:
+    def reject(self, session: Session, body: Any, event: ev.Event | None, reason: str) -> Outcome:
         known = event.to_dict() if event is not None else ev.peek(body)
         text = body if isinstance(body, str) else (
             body.decode("utf-8", "replace") if isinstance(body, bytes | bytearray) else json.dumps(body, default=str))

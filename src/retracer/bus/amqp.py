@@ -1,0 +1,179 @@
+"""RabbitMQ mode: kombu over py-amqp.
+
+Topology (names from the [broker] config; defaults shown):
+  exchange ``retracer`` (topic, durable)
+    -> queue ``retracer.events`` (quorum, durable), bound to the six event types; rejected events go to
+       exchange ``retracer.dlx`` -> queue ``retracer.events.dead``
+    -> queue ``retracer.work``, bound to ``retrace.requested`` (the workers' queue)
+
+Events are consumed in batches: each batch is applied and committed in one transaction, and only then
+acknowledged (one multiple-ack). A kill between commit and ack redelivers the batch, and the
+processed-event markers make the replay a no-op. ConsumerMixin reconnects after a broker restart
+(a plain Consumer does not: kombu #814). Publishing waits for publisher confirms and retries a bounded
+number of times (``retry=True`` alone retries forever).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kombu import Connection, Exchange, Queue, binding
+from kombu.mixins import ConsumerMixin
+
+from ..config import Config
+from ..errors import BrokerError
+from ..events import TYPES, WORK_REQUEST
+
+log = logging.getLogger("retracer.amqp")
+
+
+class Topology:
+    """The exchanges and queues of one retracer installation, declared idempotently."""
+
+    def __init__(self, config: Config) -> None:
+        b = config["broker"]
+        self.exchange = Exchange(b["exchange"], type="topic", durable=True)
+        self.dlx = Exchange(b["dead_letter_exchange"], type="fanout", durable=True)
+        args: dict[str, Any] = {"x-dead-letter-exchange": b["dead_letter_exchange"]}
+        if b["queue_type"] == "quorum":
+            args["x-queue-type"] = "quorum"
+        self.events = Queue(b["queue"], bindings=[binding(self.exchange, routing_key=t) for t in TYPES],
+                            durable=True, queue_arguments=args)
+        self.dead = Queue(b["dead_letter_queue"], exchange=self.dlx, routing_key="#", durable=True)
+        self.work = Queue(b["work_queue"], exchange=self.exchange, routing_key=WORK_REQUEST, durable=True,
+                          queue_arguments={"x-queue-type": "quorum"} if b["queue_type"] == "quorum" else None)
+
+    def declare(self, connection: Connection) -> None:
+        channel = connection.default_channel
+        for entity in (self.exchange, self.dlx, self.events, self.dead, self.work):
+            entity.bind(channel).declare()
+
+
+def connect(config: Config) -> Connection:
+    return Connection(config.broker_url, transport_options={"confirm_publish": True},
+                      heartbeat=30, connect_timeout=10)
+
+
+class Publisher:
+    """Publishes JSON bodies persistently, waiting for the broker's confirm; bounded retries."""
+
+    def __init__(self, config: Config, connection: Connection | None = None) -> None:
+        self.config = config
+        self.topology = Topology(config)
+        self.connection = connection or connect(config)
+        self._owns = connection is None
+        self._declared = False
+        self._producer: Any = None
+
+    def publish(self, routing_key: str, body: str, message_id: str) -> None:
+        retries = self.config["broker"]["publish_retries"]
+        try:
+            if not self._declared:
+                self.connection.ensure_connection(max_retries=retries)
+                self.topology.declare(self.connection)
+                self._declared = True
+            if self._producer is None:
+                self._producer = self.connection.Producer(serializer="json")
+            self._producer.publish(
+                body, exchange=self.topology.exchange, routing_key=routing_key, delivery_mode=2,
+                content_type="application/json", content_encoding="utf-8", message_id=message_id,
+                retry=True, retry_policy={"max_retries": retries, "interval_start": 0.2,
+                                          "interval_step": 0.5, "interval_max": 3},
+                declare=[self.topology.exchange],
+            )
+        except self.connection.connection_errors + self.connection.channel_errors as exc:
+            self._producer = None
+            raise BrokerError(f"could not publish {routing_key} {message_id} to "
+                              f"{self.connection.as_uri()}: {exc}") from None
+
+    def close(self) -> None:
+        if self._owns:
+            self.connection.release()
+
+
+BatchHandler = Callable[[Sequence[bytes]], Sequence[bool]]
+
+
+class BatchConsumer(ConsumerMixin):
+    """Collects deliveries into batches, hands each batch to ``handle`` and then acks it.
+
+    ``handle`` applies and commits the batch and returns, per message, True to ack or False to reject it
+    to the dead-letter exchange (an event the service kept in `rejected`). If ``handle`` raises, nothing is
+    acked and the channel is recovered, so the batch is delivered again.
+    """
+
+    def __init__(self, config: Config, handle: BatchHandler, idle: Callable[[], object],
+                 connection: Connection | None = None) -> None:
+        self.config = config
+        self.connection = connection or connect(config)
+        self.topology = Topology(config)
+        self.handle = handle
+        self.idle = idle
+        self.batch_size = config["service"]["batch_size"]
+        self.batch_wait = config["service"]["batch_wait_ms"] / 1000
+        self.idle_every = config["service"]["poll_interval_s"]
+        self.buffer: list[Any] = []
+        self.first_at = 0.0
+        self.last_idle = 0.0
+        self.stopping = False
+        self.batches = 0
+
+    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
+        self.topology.declare(self.connection)
+        return [consumer_cls(queues=[self.topology.events], callbacks=[self.on_message],
+                             accept=["json", "application/json"], prefetch_count=self.config["broker"]["prefetch"],
+                             no_ack=False, auto_declare=True, on_decode_error=self.on_decode_error)]
+
+    def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kwargs: Any) -> None:
+        # Deliveries held from a lost channel cannot be acked any more; the broker redelivers them.
+        self.buffer = []
+        log.info("consuming", extra={"queue": self.topology.events.name, "broker": connection.as_uri()})
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        # kombu could not decode the payload; it still goes to the service so it is kept as rejected.
+        self.on_message(None, message)
+
+    def on_message(self, body: Any, message: Any) -> None:
+        if not self.buffer:
+            self.first_at = time.monotonic()
+        self.buffer.append(message)
+        if len(self.buffer) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        batch, self.buffer = self.buffer, []
+        verdicts = self.handle([m.body if isinstance(m.body, bytes) else str(m.body).encode() for m in batch])
+        self.batches += 1
+        rejects = [m for m, ok in zip(batch, verdicts, strict=True) if not ok]
+        for message in rejects:
+            message.reject(requeue=False)
+        acks = [m for m, ok in zip(batch, verdicts, strict=True) if ok]
+        if acks and not rejects:
+            # One multiple-ack for the whole batch: the broker's round trips stay off the per-event path.
+            acks[-1].channel.basic_ack(acks[-1].delivery_tag, multiple=True)
+        else:
+            for message in acks:
+                message.ack()
+
+    def on_iteration(self) -> None:
+        now = time.monotonic()
+        if self.buffer and (self.stopping or now - self.first_at >= self.batch_wait):
+            self.flush()
+        if self.stopping:
+            self.should_stop = True
+            return
+        if now - self.last_idle >= self.idle_every:
+            self.last_idle = now
+            self.idle()
+
+    def run_until_stopped(self) -> None:
+        self.run(safety_interval=self.batch_wait or 0.05)
+
+    def stop(self) -> None:
+        """Finish the batch in hand, ack it, then leave the consume loop."""
+        self.stopping = True

@@ -1,0 +1,90 @@
+"""Admin commands that move jobs: retry, hold, release, priority (rescue lives with the spool).
+
+Each is audited in the job's history with who ran it (--as, default the login name) and --reason, and
+each has --dry-run: the transition runs inside a transaction that is rolled back, so every guard and
+effect is checked and nothing changes, no mail is queued.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..applier import Applier
+from ..workflow import Change
+from . import cli
+from .context import AppContext, actor_name, actor_option, dry_run_option, emit_json, json_option, pass_app
+
+reason_option = click.option("--reason", default=None, help="Why (kept in the job's history).")
+
+
+def run_admin_trigger(app: AppContext, job_id: int, trigger: str, actor: str | None, reason: str | None,
+                      dry_run: bool, data: dict[str, Any] | None = None) -> tuple[Change, dict[str, Any]]:
+    """Fire ``trigger`` on a job for an admin; commit unless it is a dry run. Refusals raise."""
+    who = actor_name(actor)
+    with app.factory() as session:
+        session.begin()
+        try:
+            change = Applier(app.config).fire(session, job_id, trigger, by=who, reason=reason, data=data)
+            from ..models import Job
+
+            job = session.get(Job, job_id)
+            snapshot = {"attempts": job.attempts, "priority": job.priority, "hold_reason": job.hold_reason} \
+                if job else {}
+        except BaseException:
+            session.rollback()
+            raise
+        if dry_run:
+            session.rollback()
+        else:
+            session.commit()
+    return change, snapshot
+
+
+def report(job_id: int, change: Change, by: str, dry_run: bool, as_json: bool, extra: dict[str, Any]) -> None:
+    if as_json:
+        emit_json({"job": job_id, "trigger": change.trigger, "from": change.source, "to": change.dest, "by": by,
+                   "dry_run": dry_run, **extra})
+        return
+    verb = "would go" if dry_run else "is now"
+    moved = f"{change.source} -> {change.dest}" if change.moved else f"stays {change.dest}"
+    click.echo(f"job {job_id} {verb} {change.dest} ({change.trigger}: {moved}, by {by})"
+               + ("; dry run: nothing changed" if dry_run else ""))
+
+
+def _admin_command(trigger: str, help_text: str, needs_reason: bool = False) -> None:
+    @cli.command(trigger, help=help_text)
+    @click.argument("job_id", type=int, metavar="JOB")
+    @click.option("--reason", default=None,
+                  help="Why (kept in the job's history)." + (" Required." if needs_reason else ""))
+    @actor_option
+    @dry_run_option
+    @json_option
+    @pass_app
+    def command(app: AppContext, job_id: int, reason: str | None, actor: str | None, dry_run: bool,
+                as_json: bool) -> None:
+        change, snap = run_admin_trigger(app, job_id, trigger, actor, reason, dry_run)
+        report(job_id, change, actor_name(actor), dry_run, as_json, snap)
+
+
+_admin_command("retry", "Send a FAILEDTOUPLOAD or ON_HOLD job back to the queue, attempts reset, crash kept.")
+_admin_command("hold", "Park a job for a human (PENDING, RETRACING or FAILEDTOUPLOAD); needs --reason.",
+               needs_reason=True)
+_admin_command("release", "Let an ON_HOLD job go back to the queue.")
+
+
+@cli.command()
+@click.argument("job_id", type=int, metavar="JOB")
+@click.argument("priority", type=click.IntRange(-1000, 1000))
+@reason_option
+@actor_option
+@dry_run_option
+@json_option
+@pass_app
+def priority(app: AppContext, job_id: int, priority: int, reason: str | None, actor: str | None, dry_run: bool,
+             as_json: bool) -> None:
+    """Set a job's priority; it becomes sticky (dispatched before automatic priorities, never overridden)."""
+    change, snap = run_admin_trigger(app, job_id, "reprioritize", actor, reason or f"priority set to {priority}",
+                                     dry_run, data={"priority": priority})
+    report(job_id, change, actor_name(actor), dry_run, as_json, snap)

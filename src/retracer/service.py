@@ -1,0 +1,271 @@
+"""`retracer serve`: applies events, dispatches work, watches heartbeats, relays the outbox.
+
+One loop per process. In the embedded mode it drains the inbox table; in RabbitMQ mode a BatchConsumer
+feeds it. Either way a batch of events is applied in one transaction and acknowledged only after the
+commit. Between batches (and at least every poll_interval_s) the chores run: the heartbeat watchdog,
+the dispatcher, the upload spool, the outbox relay and mail delivery, each in its own short transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
+
+from . import dispatch
+from .applier import Applier, Outcome
+from .bus import embedded
+from .config import Config
+from .errors import RetracerError
+from .models import Outbox, utcnow
+
+log = logging.getLogger("retracer.serve")
+
+# Conflicts another process can cause (two consumers applying one redelivered event, a job updated by
+# an admin at the same moment): the batch is rolled back and applied again, and the markers sort it out.
+RETRYABLE = (IntegrityError, StaleDataError, OperationalError)
+MAX_BATCH_RETRIES = 5
+
+
+@dataclass
+class Stats:
+    """Counters a running service keeps (and prints on shutdown)."""
+
+    applied: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    batches: int = 0
+    dispatched: int = 0
+    relayed: int = 0
+    timeouts: int = 0
+    chores: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcomes: Sequence[Outcome]) -> None:
+        self.batches += 1
+        for o in outcomes:
+            setattr(self, o.status, getattr(self, o.status) + 1)
+
+
+Chore = Callable[[], int]
+
+
+class Service:
+    """The long-running service of one process."""
+
+    def __init__(self, config: Config, factory: sessionmaker[Session]) -> None:
+        self.config = config
+        self.factory = factory
+        self.applier = Applier(config)
+        self.stats = Stats()
+        self.stop_event = threading.Event()
+        self.publisher: Any = None
+        self.consumer: Any = None
+        self.chores: list[tuple[str, Chore]] = [
+            ("watchdog", self.watchdog), ("dispatch", self.dispatch), ("relay", self.relay),
+        ]
+
+    # -- applying events --------------------------------------------------------------------------------
+
+    def apply(self, bodies: Sequence[str | bytes]) -> list[Outcome]:
+        """Apply a batch in one transaction, retrying on conflicts; never raises for a bad event."""
+        for attempt in range(MAX_BATCH_RETRIES):
+            try:
+                with self.factory() as session, session.begin():
+                    outcomes = self.applier.apply_batch(session, list(bodies))
+                self.stats.count(outcomes)
+                return outcomes
+            except RETRYABLE as exc:
+                log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
+                time.sleep(0.01 * (attempt + 1))
+            except (RetracerError, DBAPIError):
+                raise
+            except Exception:
+                log.exception("batch failed; applying its events one by one")
+                return self._apply_singly(bodies)
+        return self._apply_singly(bodies)
+
+    def _apply_singly(self, bodies: Sequence[str | bytes]) -> list[Outcome]:
+        """Isolate an event that breaks its batch: it is kept as rejected, the others are applied."""
+        outcomes = []
+        for body in bodies:
+            try:
+                with self.factory() as session, session.begin():
+                    outcomes += self.applier.apply_batch(session, [body])
+            except Exception as exc:
+                log.exception("event failed; keeping it as rejected")
+                with self.factory() as session, session.begin():
+                    outcomes.append(self.applier.reject(session, body, None, f"internal error: {exc!r}"))
+        self.stats.count(outcomes)
+        return outcomes
+
+    def drain_inbox(self) -> int:
+        """Embedded mode: apply one batch from the inbox; the rows go in the same transaction."""
+        size = self.config["service"]["batch_size"]
+        for attempt in range(MAX_BATCH_RETRIES):
+            try:
+                with self.factory() as session, session.begin():
+                    rows = embedded.take(session, size)
+                    if not rows:
+                        return 0
+                    outcomes = self.applier.apply_batch(session, [r.body for r in rows])
+                    embedded.done(session, rows)
+                self.stats.count(outcomes)
+                return len(rows)
+            except RETRYABLE as exc:
+                log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
+                time.sleep(0.01 * (attempt + 1))
+            except Exception:
+                log.exception("batch failed; applying its events one by one")
+                break
+        return self._drain_singly(size)
+
+    def _drain_singly(self, size: int) -> int:
+        """Isolate the inbox row that breaks its batch: it is kept as rejected and removed from the inbox."""
+        n = 0
+        for _ in range(size):
+            try:
+                with self.factory() as session, session.begin():
+                    rows = embedded.take(session, 1)
+                    if not rows:
+                        break
+                    outcomes = self.applier.apply_batch(session, [rows[0].body])
+                    embedded.done(session, rows)
+            except Exception as exc:
+                log.exception("event failed; keeping it as rejected")
+                with self.factory() as session, session.begin():
+                    rows = embedded.take(session, 1)
+                    if not rows:
+                        break
+                    outcomes = [self.applier.reject(session, rows[0].body, None, f"internal error: {exc!r}")]
+                    embedded.done(session, rows)
+            self.stats.count(outcomes)
+            n += 1
+        return n
+
+    # -- chores ------------------------------------------------------------------------------------------
+
+    def watchdog(self) -> int:
+        """RETRACING jobs with a stale heartbeat get a transient failure (back to PENDING or ON_HOLD)."""
+        n = 0
+        with self.factory() as session, session.begin():
+            policy = None
+            for job in dispatch.stale_jobs(session, self.config):
+                policy = policy or self.applier.policy(session)
+                silent = int((utcnow() - job.last_heartbeat).total_seconds()) if job.last_heartbeat else None
+                error = f"no heartbeat from worker {job.worker or '?'} for {silent}s " \
+                        f"(timeout {self.config['service']['heartbeat_timeout_s']}s)"
+                # The version makes the id unique per stale episode, so two services cannot both fire it.
+                self.applier.fire(session, job.id, "heartbeat_lost", by="service:watchdog",
+                                  data={"error": error, "transient": True},
+                                  event_id=f"watchdog:{job.id}:{job.version_id}", policy=policy)
+                n += 1
+        self.stats.timeouts += n
+        return n
+
+    def dispatch(self) -> int:
+        with self.factory() as session, session.begin():
+            n = len(dispatch.dispatch(session, self.config))
+        self.stats.dispatched += n
+        return n
+
+    def relay(self) -> int:
+        """RabbitMQ mode: publish unsent outbox rows, then mark them sent (SKIP LOCKED: one publisher per row)."""
+        if self.config.embedded_bus:
+            return 0  # embedded workers take their requests from the outbox itself (`retracer work take`)
+        if self.publisher is None:
+            from .bus.amqp import Publisher
+
+            self.publisher = Publisher(self.config)
+        n = 0
+        with self.factory() as session, session.begin():
+            rows = list(session.scalars(select(Outbox).where(Outbox.sent_at.is_(None)).order_by(Outbox.id)
+                                        .limit(500).with_for_update(skip_locked=True)))
+            for row in rows:
+                self.publisher.publish(row.routing_key, row.body, row.message_id)
+                n += 1
+            if rows:
+                session.execute(update(Outbox).where(Outbox.id.in_([r.id for r in rows])).values(sent_at=utcnow()))
+        self.stats.relayed += n
+        return n
+
+    def run_chores(self) -> int:
+        done = 0
+        for name, chore in self.chores:
+            if self.stop_event.is_set():
+                break
+            try:
+                n = chore()
+            except Exception:
+                log.exception("chore failed; it runs again at the next round", extra={"chore": name})
+                continue
+            if n:
+                self.stats.chores[name] = self.stats.chores.get(name, 0) + n
+                log.info("chore", extra={"chore": name, "count": n})
+            done += n
+        return done
+
+    # -- loops -------------------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("stopping: finishing the batch in hand", extra={"signal": signal.Signals(signum).name})
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.consumer is not None:
+            self.consumer.stop()
+
+    def run(self, until_idle: bool = False) -> Stats:
+        """Serve until stopped (or, with ``until_idle``, until there is nothing left to do)."""
+        log.info("serving", extra={"bus": "embedded" if self.config.embedded_bus else "rabbitmq",
+                                   "database": self.factory.kw["bind"].url.render_as_string(hide_password=True)})
+        try:
+            if self.config.embedded_bus:
+                self._run_embedded(until_idle)
+            else:
+                self._run_amqp()
+        finally:
+            if self.publisher is not None:
+                self.publisher.close()
+        log.info("stopped", extra={k: v for k, v in self.stats.__dict__.items()})
+        return self.stats
+
+    def _run_embedded(self, until_idle: bool) -> None:
+        poll = self.config["service"]["poll_interval_s"]
+        last_chores = 0.0
+        while not self.stop_event.is_set():
+            n = self.drain_inbox()
+            now = time.monotonic()
+            busy = n > 0
+            if not n or now - last_chores >= poll:
+                busy = self.run_chores() > 0 or busy
+                last_chores = now
+            if until_idle and not busy:
+                return
+            if not n:
+                self.stop_event.wait(min(poll, 0.1))
+
+    def _run_amqp(self) -> None:
+        from .bus.amqp import BatchConsumer
+
+        def handle(bodies: Sequence[bytes]) -> list[bool]:
+            return [o.status != "rejected" for o in self.apply(bodies)]
+
+        self.consumer = BatchConsumer(self.config, handle, idle=self.run_chores)
+        if self.stop_event.is_set():
+            return
+        self.consumer.run_until_stopped()
