@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import dispatch
+from . import dispatch, uploads
 from .applier import Applier, Outcome
 from .bus import embedded
 from .config import Config
@@ -71,7 +71,8 @@ class Service:
         self.publisher: Any = None
         self.consumer: Any = None
         self.chores: list[tuple[str, Chore]] = [
-            ("watchdog", self.watchdog), ("dispatch", self.dispatch), ("relay", self.relay),
+            ("uploads", self.uploads), ("watchdog", self.watchdog), ("dispatch", self.dispatch),
+            ("relay", self.relay),
         ]
 
     # -- applying events --------------------------------------------------------------------------------
@@ -171,6 +172,10 @@ class Service:
                 n += 1
         self.stats.timeouts += n
         return n
+
+    def uploads(self) -> int:
+        """Process the spool's complete uploads into upload.accepted / upload.failed events."""
+        return len(uploads.process_incoming(self.config, self.factory, self.apply))
 
     def dispatch(self) -> int:
         with self.factory() as session, session.begin():

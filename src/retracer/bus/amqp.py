@@ -2,7 +2,8 @@
 
 Topology (names from the [broker] config; defaults shown):
   exchange ``retracer`` (topic, durable)
-    -> queue ``retracer.events`` (quorum, durable), bound to the six event types; rejected events go to
+    -> queue ``retracer.events`` (quorum, durable, single active consumer), bound to the six event types;
+       rejected events go to
        exchange ``retracer.dlx`` -> queue ``retracer.events.dead``
     -> queue ``retracer.work``, bound to ``retrace.requested`` (the workers' queue)
 
@@ -37,7 +38,11 @@ class Topology:
         b = config["broker"]
         self.exchange = Exchange(b["exchange"], type="topic", durable=True)
         self.dlx = Exchange(b["dead_letter_exchange"], type="fanout", durable=True)
-        args: dict[str, Any] = {"x-dead-letter-exchange": b["dead_letter_exchange"]}
+        # Single active consumer: events of one job must be applied in the order they were published, so
+        # one `serve` consumes at a time and the others stand by to take over; throughput comes from
+        # applying each batch in one transaction, not from competing consumers.
+        args: dict[str, Any] = {"x-dead-letter-exchange": b["dead_letter_exchange"],
+                                "x-single-active-consumer": True}
         if b["queue_type"] == "quorum":
             args["x-queue-type"] = "quorum"
         self.events = Queue(b["queue"], bindings=[binding(self.exchange, routing_key=t) for t in TYPES],

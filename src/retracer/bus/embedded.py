@@ -2,7 +2,7 @@
 
 Publishers append rows in their own transaction; `serve` takes a batch, applies it and deletes the rows in
 one transaction. Durable across kill -9 and shared by any number of processes, because it is the same
-database (SQLite serialises writers with BEGIN IMMEDIATE; PostgreSQL uses SKIP LOCKED). kombu's broker-less
+database (SQLite serialises writers with BEGIN IMMEDIATE; PostgreSQL an advisory lock). kombu's broker-less
 transports were measured losing messages on kill -9 (LIBRARY-NOTES), which is why none is used here.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from ..events import WORK_REQUEST
@@ -27,9 +27,18 @@ def append(session: Session, bodies: Iterable[str]) -> int:
     return len(rows)
 
 
+INBOX_LOCK_KEY = 0x7265_7469  # one advisory lock id for draining the inbox on PostgreSQL
+
+
 def take(session: Session, limit: int) -> list[Inbox]:
-    """The oldest queued events, locked for this transaction."""
-    return list(session.scalars(select(Inbox).order_by(Inbox.seq).limit(limit).with_for_update(skip_locked=True)))
+    """The oldest queued events, for this transaction alone.
+
+    Batches are taken one process at a time (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL) so
+    that the events of one job are applied in the order they were published, whichever `serve` runs them.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": INBOX_LOCK_KEY})
+    return list(session.scalars(select(Inbox).order_by(Inbox.seq).limit(limit)))
 
 
 def done(session: Session, rows: Sequence[Inbox]) -> None:

@@ -88,3 +88,42 @@ def priority(app: AppContext, job_id: int, priority: int, reason: str | None, ac
     change, snap = run_admin_trigger(app, job_id, "reprioritize", actor, reason or f"priority set to {priority}",
                                      dry_run, data={"priority": priority})
     report(job_id, change, actor_name(actor), dry_run, as_json, snap)
+
+
+@cli.command()
+@click.argument("job_id", type=int, metavar="JOB")
+@reason_option
+@actor_option
+@dry_run_option
+@json_option
+@pass_app
+def rescue(app: AppContext, job_id: int, reason: str | None, actor: str | None, dry_run: bool,
+           as_json: bool) -> None:
+    """Reprocess a FAILEDTOUPLOAD job's kept upload (spool failed/ -> incoming/ -> accepted/).
+
+    Accepted: the job becomes FULLYBUILT and its upload log is cleared. Refused again: it stays FAILEDTOUPLOAD
+    with the new upload log, and the command exits 1. --dry-run runs every check and changes nothing.
+    """
+    from ..uploads import rescue as do_rescue
+
+    who = actor_name(actor)
+    done = do_rescue(app.config, app.factory, job_id, who, reason, dry_run)
+    if as_json:
+        emit_json({**done.to_dict(), "by": who})
+    else:
+        would = "would be" if dry_run else "was"
+        if done.succeeded:
+            click.echo(f"upload {done.leaf} {would} accepted: job {job_id} "
+                       f"{'would go' if dry_run else 'is now'} {done.change.dest} "
+                       f"({done.change.source} -> {done.change.dest}, by {who})")
+            if done.upload.stored_at:
+                click.echo(f"backtrace {'would be ' if dry_run else ''}stored in {done.upload.stored_at}")
+        else:
+            click.echo(f"upload {done.leaf} {would} refused again: job {job_id} stays FAILEDTOUPLOAD "
+                       f"with this upload log:")
+            for line in done.upload.upload_log.splitlines():
+                click.echo(f"  {line}")
+        if dry_run:
+            click.echo("dry run: nothing was moved, stored or changed")
+    if not done.succeeded:
+        raise SystemExit(1)

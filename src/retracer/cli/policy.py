@@ -1,0 +1,99 @@
+"""Spurious-failure patterns: errors an admin has recognised as transient (seed 003's "spurious failure")."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+from sqlalchemy import select
+
+from ..errors import RetracerError
+from ..models import Audit, SpuriousPattern
+from . import cli
+from .context import AppContext, actor_name, actor_option, dry_run_option, emit_json, json_option, pass_app, table, when
+
+MAX_PATTERN = 500
+
+
+@cli.group()
+def spurious() -> None:
+    """Patterns that make a matching retrace failure transient (retried with backoff instead of held)."""
+
+
+@spurious.command("add")
+@click.argument("pattern")
+@click.option("--reason", required=True, help="Why failures like this are transient.")
+@actor_option
+@dry_run_option
+@json_option
+@pass_app
+def spurious_add(app: AppContext, pattern: str, reason: str, actor: str | None, dry_run: bool,
+                 as_json: bool) -> None:
+    """Register PATTERN, a case-insensitive regular expression searched in a failure's error text."""
+    try:
+        re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise RetracerError(f"{pattern!r} is not a regular expression: {exc}; quote it for the shell "
+                            f"and escape special characters (e.g. \\. for a dot)") from None
+    if not pattern.strip() or len(pattern) > MAX_PATTERN:
+        raise RetracerError(f"a pattern must be 1 to {MAX_PATTERN} characters")
+    if re.compile(pattern, re.IGNORECASE).search(""):
+        raise RetracerError(f"{pattern!r} matches the empty string, so it would make every failure transient")
+    who = actor_name(actor)
+    with app.transaction() as session:
+        if session.scalar(select(SpuriousPattern).where(SpuriousPattern.pattern == pattern)) is not None:
+            raise RetracerError(f"pattern {pattern!r} is already registered (see `retracer spurious list`)")
+        row = SpuriousPattern(pattern=pattern, reason=reason, added_by=who)
+        if not dry_run:
+            session.add(row)
+            session.add(Audit(actor=who, action="spurious.add", detail=json.dumps({"pattern": pattern,
+                                                                                  "reason": reason})))
+            session.flush()
+    if as_json:
+        emit_json({"id": row.id, "pattern": pattern, "reason": reason, "by": who, "dry_run": dry_run})
+    else:
+        click.echo(("dry run: would add" if dry_run else f"added #{row.id}:") + f" {pattern!r} ({reason})")
+
+
+@spurious.command("list")
+@json_option
+@pass_app
+def spurious_list(app: AppContext, as_json: bool) -> None:
+    """The registered patterns (the built-in ones are in the config: [policy] transient_patterns)."""
+    with app.transaction() as session:
+        rows = list(session.scalars(select(SpuriousPattern).order_by(SpuriousPattern.id)))
+    if as_json:
+        emit_json([{"id": r.id, "pattern": r.pattern, "reason": r.reason, "by": r.added_by, "at": r.added_at}
+                   for r in rows])
+    elif not rows:
+        click.echo("no spurious-failure patterns registered")
+    else:
+        click.echo(table(["ID", "PATTERN", "REASON", "BY", "AT"],
+                         [[r.id, r.pattern, r.reason, r.added_by, when(r.added_at)] for r in rows]))
+
+
+@spurious.command("remove")
+@click.argument("pattern_id", type=int, metavar="ID")
+@click.option("--reason", default=None, help="Why it is removed (kept in the audit log).")
+@actor_option
+@dry_run_option
+@json_option
+@pass_app
+def spurious_remove(app: AppContext, pattern_id: int, reason: str | None, actor: str | None, dry_run: bool,
+                    as_json: bool) -> None:
+    """Remove a registered pattern by its id."""
+    who = actor_name(actor)
+    with app.transaction() as session:
+        row = session.get(SpuriousPattern, pattern_id)
+        if row is None:
+            raise RetracerError(f"no spurious-failure pattern #{pattern_id} (see `retracer spurious list`)")
+        pattern = row.pattern
+        if not dry_run:
+            session.delete(row)
+            session.add(Audit(actor=who, action="spurious.remove",
+                              detail=json.dumps({"pattern": pattern, "reason": reason})))
+    if as_json:
+        emit_json({"id": pattern_id, "pattern": pattern, "removed": not dry_run, "by": who})
+    else:
+        click.echo(("dry run: would remove" if dry_run else "removed") + f" #{pattern_id} {pattern!r}")

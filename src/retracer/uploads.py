@@ -1,0 +1,144 @@
+"""Between the spool and the machine: the service's upload chore and the admin's rescue.
+
+Order matters for crash safety: an upload is checked and its result stored, then its event is committed,
+and only then is the directory filed away to accepted/ or failed/. A kill before the commit leaves the
+upload in incoming/ to be processed again; a kill after it processes it again into the same event id
+(derived from the leaf and the upload's digest), which the processed-event markers turn into a no-op.
+One process works on the spool at a time (an flock on <spool>/.lock), so a rescue never races `serve`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import events as ev
+from . import spool
+from .applier import Applier, Outcome
+from .config import Config
+from .errors import JobNotFound, TransitionRefused, UploadRejected
+from .models import Job
+from .workflow import Change
+
+
+@contextmanager
+def spool_lock(config: Config, blocking: bool = True) -> Iterator[bool]:
+    """Hold the spool's lock; yields False (without waiting) when not blocking and another process has it."""
+    spool.ensure_layout(config.spool_dir)
+    fd = os.open(config.spool_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def expected_job(factory: sessionmaker[Session], job_id: int) -> spool.ExpectedJob | None:
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None
+        return spool.ExpectedJob(job.id, job.crash_id, list(job.build_ids or []), job.state)
+
+
+def upload_event(result: spool.UploadResult) -> dict[str, Any]:
+    """The event reporting a processed upload; its id is the same each time the same upload is processed."""
+    digest = result.digest or hashlib.sha256(result.upload_log.encode()).hexdigest()
+    return ev.make(result.event_type, result.job_id, result.to_event_data(), source="retracer:spool",
+                   event_id=f"upload:{result.leaf}:{digest[:24]}").to_dict()
+
+
+def process_incoming(config: Config, factory: sessionmaker[Session], apply: Any) -> list[Outcome]:
+    """Process every complete upload in incoming/ (the service's chore); ``apply`` commits a batch of events."""
+    outcomes: list[Outcome] = []
+    with spool_lock(config, blocking=False) as locked:
+        if not locked:
+            return outcomes
+        limits = spool.Limits.from_config(config)
+        for leaf in spool.incoming_leaves(config.spool_dir):
+            result = spool.process(config.spool_dir, leaf, lambda job_id: expected_job(factory, job_id), limits,
+                                   config.results_dir, move=False)
+            if result.job_id is not None:
+                outcomes += apply([upload_event(result)])
+            spool.file_away(config.spool_dir, result)
+    return outcomes
+
+
+@dataclass(frozen=True)
+class Rescue:
+    """What a rescue did (or, in a dry run, would do)."""
+
+    job_id: int
+    leaf: str
+    upload: spool.UploadResult
+    change: Change
+    dry_run: bool
+
+    @property
+    def succeeded(self) -> bool:
+        return self.upload.accepted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": self.job_id, "leaf": self.leaf, "accepted": self.upload.accepted,
+                "from": self.change.source, "to": self.change.dest, "trigger": self.change.trigger,
+                "upload_log": None if self.upload.accepted else self.upload.upload_log,
+                "stored_at": str(self.upload.stored_at) if self.upload.stored_at else None,
+                "moved_to": str(self.upload.moved_to) if self.upload.moved_to else None, "dry_run": self.dry_run}
+
+
+def rescue(config: Config, factory: sessionmaker[Session], job_id: int, by: str, reason: str | None,
+           dry_run: bool = False) -> Rescue:
+    """Reprocess a FAILEDTOUPLOAD job's kept upload: FULLYBUILT if accepted, else FAILEDTOUPLOAD with the new log.
+
+    The dry run runs every check on the upload where it lies (failed/) and fires the trigger in a transaction
+    that is rolled back: nothing moves, nothing is stored, no state changes and no mail is queued.
+    """
+    applier = Applier(config)
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if not applier.workflow.candidates("rescue", job.state):
+            raise TransitionRefused(job.id, job.state, "rescue", "only a FAILEDTOUPLOAD job has an upload to rescue",
+                                    applier.workflow.allowed_from(job.state))
+        leaf = job.upload_leaf
+        expected = spool.ExpectedJob(job.id, job.crash_id, list(job.build_ids or []), job.state)
+    if not leaf:
+        raise UploadRejected(f"job {job_id} has no upload leaf recorded, so there is no kept upload to rescue; "
+                             f"use `retracer retry {job_id}` to retrace it again")
+    limits = spool.Limits.from_config(config)
+    with spool_lock(config):
+        if dry_run:
+            result = spool.process(config.spool_dir, leaf, expected, limits, config.results_dir, dry_run=True,
+                                   source="failed")
+        else:
+            spool.restore_failed(config.spool_dir, leaf)
+            result = spool.process(config.spool_dir, leaf, expected, limits, config.results_dir, move=False)
+        trigger = "rescue" if result.accepted else "rescue_failed"
+        with factory() as session:
+            session.begin()
+            try:
+                change = applier.fire(session, job_id, trigger, by=by, reason=reason, data=result.to_event_data())
+            except BaseException:
+                session.rollback()
+                if not dry_run:  # put the upload back where the admin found it
+                    spool.file_away(config.spool_dir, replace(result, accepted=False))
+                raise
+            if dry_run:
+                session.rollback()
+            else:
+                session.commit()
+        if not dry_run:
+            result = spool.file_away(config.spool_dir, result)
+    return Rescue(job_id, leaf, result, change, dry_run)
