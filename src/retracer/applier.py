@@ -137,7 +137,10 @@ class Applier:
         ctx = TriggerContext(data=dict(data or {}), by=by, reason=reason, event_id=event_id,
                              policy=policy or self.policy(session))
         change = self.workflow.fire(job, trigger, ctx)
-        self._record(session, job, change, ctx, utcnow())
+        try:
+            self._record(session, job, change, ctx, utcnow())
+        except KeyError as exc:
+            raise RetracerError(f"trigger {trigger!r} needs data field {exc.args[0]!r}") from None
         if event_id is not None:
             session.add(ProcessedEvent(event_id=event_id, job_id=job.id, outcome="applied"))
         return change

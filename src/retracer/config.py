@@ -7,6 +7,7 @@ must have the type its default has. Every problem is collected and reported at o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -70,6 +71,9 @@ class Config:
     def describe(self) -> dict[str, Any]:
         """The effective configuration as printed by check-config, passwords masked, derived paths added."""
         shown = {s: dict(v) for s, v in self.raw.items()}
+        for values in shown.values():
+            if isinstance(values.get("url"), str):
+                values["url"] = _mask(values["url"])
         if shown["mail"].get("password"):
             shown["mail"]["password"] = "********"
         shown["derived"] = {
@@ -96,9 +100,18 @@ def _coerce(value: str, default: Any, name: str) -> Any:
             return False
         raise ValueError(f"{name}={value!r} is not a boolean (use true or false)")
     if isinstance(default, int):
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not an integer (write e.g. {default})") from None
     if isinstance(default, float):
-        return float(value)
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not a number (write e.g. {default})") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{name}={value!r} must be a finite number")
+        return number
     if isinstance(default, list):
         text = value.strip()
         if text.startswith("["):
@@ -123,6 +136,9 @@ def load(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | N
             data = tomllib.loads(Path(chosen).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {chosen} does not exist (given by --config or RETRACER_CONFIG)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {chosen} cannot be read ({exc}); give a readable UTF-8 TOML file "
+                              f"with --config or RETRACER_CONFIG") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {chosen} is not valid TOML: {exc}") from None
         for section, values in data.items():
@@ -172,6 +188,8 @@ def _validate(raw: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], o
             expected: type | tuple[type, ...] = (int, float) if isinstance(default, float) else type(default)
             if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, expected):
                 bad(section, key, f"must be a {type(default).__name__}")
+            elif isinstance(value, float) and not math.isfinite(value):
+                bad(section, key, "must be a finite number")
     if problems:
         return problems
     for section, key in [("service", "max_parallel"), ("service", "batch_size"), ("policy", "max_attempts"),

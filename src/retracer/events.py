@@ -50,11 +50,22 @@ class Event:
 Check = Callable[[Any], str | None]
 
 
+def _encodable(value: str) -> bool:
+    """Lone surrogates pass json.loads but no database can store them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(max_len: int, *, single_line: bool = True, pattern: re.Pattern[str] | None = None,
           what: str = "") -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, str) or not value.strip():
             return "must be a non-empty string"
+        if not _encodable(value):
+            return "is not valid Unicode (lone surrogate escapes)"
         if len(value) > max_len:
             return f"is {len(value)} characters long, at most {max_len} allowed"
         if single_line and CONTROL.search(value):
@@ -70,6 +81,8 @@ def _long_text(max_len: int) -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, str) or not value.strip():
             return "must be a non-empty string"
+        if not _encodable(value):
+            return "is not valid Unicode (lone surrogate escapes)"
         if len(value) > max_len:
             return f"is {len(value)} characters long, at most {max_len} allowed"
         if "\x00" in value:
@@ -129,7 +142,10 @@ def parse_time(value: Any) -> datetime:
     when = datetime.fromisoformat(text)
     if when.tzinfo is None:
         raise ValueError("must carry a time zone (e.g. 2026-11-21T08:00:00Z)")
-    return when.astimezone(UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range (years 1 to 9999 in UTC)") from None
 
 
 def parse(body: str | bytes | dict[str, Any]) -> Event:
@@ -146,14 +162,14 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:
             raise InvalidEvent(f"event is {len(body)} characters, at most {MAX_BODY_BYTES} allowed")
         try:
             raw = json.loads(body)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError also covers integers past int_max_str_digits
             raise InvalidEvent(f"event is not JSON: {exc}") from None
     else:
         raw = body
     if not isinstance(raw, dict):
         raise InvalidEvent(f"event must be a JSON object, got {type(raw).__name__}")
     problems: list[str] = []
-    extra = sorted(set(raw) - {"id", "type", "job", "occurred_at", "source", "data"})
+    extra = sorted((set(raw) - {"id", "type", "job", "occurred_at", "source", "data"}), key=str)
     if extra:
         problems.append(f"unknown envelope fields {extra}; put extra information under data")
     event_id = raw.get("id")
@@ -206,14 +222,14 @@ def peek(body: str | bytes | dict[str, Any]) -> dict[str, Any]:
     """Whatever id/type/job can be read from a body that failed validation, for the rejected list."""
     try:
         raw = json.loads(body) if isinstance(body, str | bytes) else body
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(raw, dict):
         return {}
     out: dict[str, Any] = {}
-    if isinstance(raw.get("id"), str):
+    if isinstance(raw.get("id"), str) and _encodable(raw["id"]):
         out["id"] = raw["id"][:200]
-    if isinstance(raw.get("type"), str):
+    if isinstance(raw.get("type"), str) and _encodable(raw["type"]):
         out["type"] = raw["type"][:100]
     if isinstance(raw.get("job"), int) and not isinstance(raw.get("job"), bool) and 0 < raw["job"] < 2**62:
         out["job"] = raw["job"]

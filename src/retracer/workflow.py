@@ -16,6 +16,7 @@ from typing import Any
 from transitions import Machine, MachineError
 
 from .errors import TransitionRefused, WorkflowError
+from .events import TYPES
 from .guards import GUARDS, TriggerContext
 from .models import Job, machine_writes
 
@@ -23,6 +24,7 @@ from .models import Job, machine_writes
 # state; the database's check constraint admits the five real states alone.
 NEW = "_NEW_"
 RECIPIENT_KINDS = ("admins", "creator")
+TRANSITION_KEYS = {"trigger", "source", "dest", "guards", "event", "admin", "record", "description"}
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,11 @@ def parse(text: str, origin: str = "workflow.toml") -> Workflow:
     transitions: list[TransitionSpec] = []
     for i, t in enumerate(raw.get("transitions") or [], start=1):
         where = f"{origin}: transition #{i} ({t.get('trigger', '?')})"
+        unknown_keys = sorted(set(t) - TRANSITION_KEYS)
+        if unknown_keys:
+            raise WorkflowError(f"{where}: unknown keys {unknown_keys}; a transition has {sorted(TRANSITION_KEYS)}")
+        if t.get("event") is not None and t["event"] not in TYPES:
+            raise WorkflowError(f"{where}: event {t['event']!r} is not an event type; known: {sorted(TYPES)}")
         for key in ("trigger", "dest"):
             if not isinstance(t.get(key), str):
                 raise WorkflowError(f"{where}: missing {key!r}")

@@ -83,7 +83,8 @@ def test_retried_job_goes_round_again(instance: Instance) -> None:
 def test_wrong_state_is_refused_with_what_is_allowed(embedded: Instance) -> None:
     """rescue on a PENDING job names the job, its state and the allowed triggers, and changes nothing."""
     inst = embedded
-    inst.run("submit", *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in crash_data().items()), []))
+    args = [part for k, v in crash_data().items() for part in (f"--{k.replace('_', '-')}", str(v))]
+    inst.run("submit", *args)
     out = inst.run("rescue", "1", check=False)
     assert out.returncode == 1
     assert "job 1 is PENDING: 'rescue' refused" in out.stderr and "allowed from PENDING: start, hold" in out.stderr

@@ -142,7 +142,7 @@ def status(app: AppContext, as_json: bool) -> None:
         failures = list(session.execute(
             select(History, Job.package).join(Job, Job.id == History.job_id)
             .where(History.trigger.in_(["retrace_failed", "heartbeat_lost", "upload_failed", "rescue_failed"]))
-            .order_by(History.id.desc()).limit(10)).tuples())
+            .order_by(History.id.desc()).limit(10)).all())
         held = list(session.scalars(select(Job).where(Job.state == "ON_HOLD").order_by(Job.id)))
     report: dict[str, Any] = {
         "counts": counts,
