@@ -209,14 +209,20 @@ class Rejected(Base):
 
 
 class Mail(Base):
-    """A notification to one recipient for one transition; unique per (job, transition, recipient)."""
+    """A notification to one recipient for one transition; unique per (job, transition, recipient).
+
+    A flood-control digest is a Mail too, with no job or transition of its own (job_id and history_id
+    NULL, state "DIGEST"); the mails it replaces have status "digested" and digest_of set to its id.
+    Status: pending, sending (claimed by a sender until next_attempt_at), sent, failing (retried after
+    next_attempt_at), failed (cannot be rendered or delivered: never retried), digested.
+    """
 
     __tablename__ = "mail"
     __table_args__ = (UniqueConstraint("job_id", "history_id", "recipient", name="uq_mail_once"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[int] = mapped_column(Integer, index=True)
-    history_id: Mapped[int] = mapped_column(ForeignKey("history.id", ondelete="CASCADE"))
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True, nullable=True)
+    history_id: Mapped[int | None] = mapped_column(ForeignKey("history.id", ondelete="CASCADE"), nullable=True)
     state: Mapped[str] = mapped_column(String(20))
     recipient: Mapped[str] = mapped_column(String(320), index=True)
     rationale: Mapped[str] = mapped_column(String(50))
@@ -230,7 +236,7 @@ class Mail(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
-    history: Mapped[History] = relationship()
+    history: Mapped[History | None] = relationship()
 
 
 class SpuriousPattern(Base):

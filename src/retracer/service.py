@@ -72,8 +72,9 @@ class Service:
         self.consumer: Any = None
         self.chores: list[tuple[str, Chore]] = [
             ("uploads", self.uploads), ("watchdog", self.watchdog), ("dispatch", self.dispatch),
-            ("relay", self.relay),
+            ("relay", self.relay), ("mail", self.mail),
         ]
+        self.sender: Any = None
 
     # -- applying events --------------------------------------------------------------------------------
 
@@ -203,6 +204,15 @@ class Service:
         self.stats.relayed += n
         return n
 
+    def mail(self) -> int:
+        """Deliver due mails over the sender's reused connections (kept between rounds)."""
+        if self.sender is None:
+            from .mail.sender import Sender
+
+            self.sender = Sender(self.factory, self.config)
+        report = self.sender.deliver_pending()
+        return int(report.sent + report.digests)
+
     def run_chores(self) -> int:
         done = 0
         for name, chore in self.chores:
@@ -246,6 +256,8 @@ class Service:
         finally:
             if self.publisher is not None:
                 self.publisher.close()
+            if self.sender is not None:
+                self.sender.close()
         log.info("stopped", extra={k: v for k, v in self.stats.__dict__.items()})
         return self.stats
 

@@ -35,4 +35,4 @@ def main() -> None:
     cli(prog_name="retracer")
 
 
-from . import admin, bus, jobs, ops, policy  # noqa: E402,F401  (registers the subcommands on `cli`)
+from . import admin, bus, jobs, mail, ops, policy  # noqa: E402,F401  (registers the subcommands on `cli`)

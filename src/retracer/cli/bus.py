@@ -33,8 +33,7 @@ def serve(app: AppContext, until_idle: bool, log_level: str) -> None:
     logs.setup(log_level)
     service = Service(app.config, app.factory)
     service.install_signal_handlers()
-    stats = service.run(until_idle=until_idle)
-    click.echo(json.dumps({k: v for k, v in stats.__dict__.items()}), err=True)
+    service.run(until_idle=until_idle)  # the last log line ("stopped") carries the counters
 
 
 def _read_events(stream: TextIO, name: str) -> list[ev.Event]:

@@ -42,3 +42,16 @@ def check_config(app: AppContext, as_json: bool) -> None:
             origin = config.origin.get(f"{section}.{key}")
             note = f"  # {origin}" if origin and origin != "default" else ""
             click.echo(f"{key} = {value!r}{note}")
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+              help="A fresh directory for the demo instance (default: ./retracer-demo-<time>).")
+def demo(directory: str | None) -> None:
+    """Play the whole story on the embedded default: submit, retrace, retry, hold, fail to upload, rescue."""
+    from pathlib import Path
+
+    from .. import demo as story
+
+    status = story.run(Path(directory) if directory else story.default_dir())
+    raise SystemExit(status)

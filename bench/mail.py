@@ -1,0 +1,144 @@
+"""Mail delivery throughput: the pooled sender against one SMTP connection per mail, in the same run.
+
+    /work/venv/bin/python bench/mail.py [--count 1000] [--pool-size 4] [--rounds 1] [--db-url URL]
+
+Jobs fail to upload through the real apply path until the outbox holds --count mails; each mode then
+delivers that whole outbox (claim, render, send, mark sent) to a local aiosmtpd that discards them. The
+server runs in its own process so it does not share the GIL with the sender. The outbox is reset between
+modes; with --rounds > 1 the best round of each mode counts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/transitions.py shares its name with the `transitions` library that retracer imports; keep bench/
+# off the import path so the library is found.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+from sqlalchemy import func, select, update  # noqa: E402
+from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
+
+from retracer import config as cfg  # noqa: E402
+from retracer import db  # noqa: E402
+from retracer.applier import Applier  # noqa: E402
+from retracer.mail.sender import Sender  # noqa: E402
+from retracer.mail.transports import SmtpTransport  # noqa: E402
+from retracer.models import Mail  # noqa: E402
+from retracer.testing import event, submit  # noqa: E402
+
+ADMINS = "celso@example.com,foo.bar@example.com"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def smtp_server() -> Iterator[str]:
+    """aiosmtpd's Sink handler in a child process; yields its smtp:// url."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
+                             "-c", "aiosmtpd.handlers.Sink"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("aiosmtpd did not start (is the test extra installed?)") from None
+                time.sleep(0.05)
+        yield f"smtp://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def fill_outbox(applier: Applier, factory: sessionmaker[Session], count: int) -> int:
+    """Fail uploads until at least ``count`` mails are pending (three per job: two admins, the creator)."""
+    with db.transaction(factory) as session:
+        for _ in range((count + 2) // 3):
+            job = submit(applier, session)
+            applier.apply_batch(session, [event("retrace.started", job, worker="bench"),
+                                          event("upload.failed", job, leaf=f"upload-{job}", upload_log="ANY")])
+        return int(session.scalar(select(func.count()).select_from(Mail)) or 0)
+
+
+def reset_outbox(factory: sessionmaker[Session]) -> None:
+    with db.transaction(factory) as session:
+        session.execute(update(Mail).values(status="pending", sent_at=None, next_attempt_at=None,
+                                            message_id=None, attempts=0, last_error=None))
+
+
+def deliver_all(sender: Sender, count: int) -> float:
+    """Seconds to deliver the whole outbox; exits if any mail failed (the figure would be meaningless)."""
+    start = time.perf_counter()
+    sent = 0
+    while sent < count:
+        report = sender.deliver_pending(limit=count)
+        if report.failed or not report.sent:
+            raise SystemExit(f"delivery failed: {report}")
+        sent += report.sent
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=1000, help="mails in the outbox (default 1000)")
+    parser.add_argument("--pool-size", type=int, default=4, help="connections of the pooled sender (default 4)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure each mode this many times, keep the best")
+    parser.add_argument("--db-url", default=None, help="an empty database (default: a temporary SQLite file)")
+    args = parser.parse_args()
+    if args.count < 1 or args.pool_size < 1 or args.rounds < 1:
+        parser.error("--count, --pool-size and --rounds must be at least 1")
+
+    with tempfile.TemporaryDirectory() as tmp, smtp_server() as url:
+        db_url = args.db_url or f"sqlite:///{Path(tmp) / 'retracer.db'}"
+        db.upgrade(db_url)
+        config = cfg.load(environ={
+            "RETRACER__SERVICE__DATA_DIR": tmp, "RETRACER__DATABASE__URL": db_url, "RETRACER__MAIL__ADMINS": ADMINS,
+            "RETRACER__MAIL__URL": url, "RETRACER__MAIL__POOL_SIZE": str(args.pool_size),
+            # The bench measures delivery, not flood control: let every mail through.
+            "RETRACER__MAIL__FLOOD_THRESHOLD": str(10 * args.count),
+        })
+        engine = db.make_engine(db_url)
+        factory = db.session_factory(engine)
+        count = fill_outbox(Applier(config), factory, args.count)
+        modes = {
+            f"pooled sender ({args.pool_size} reused connections)": lambda: SmtpTransport.from_config(config),
+            "one connection per mail": lambda: SmtpTransport.from_config(config, pool_size=1, reuse=False),
+        }
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, make in modes.items():
+                reset_outbox(factory)
+                with Sender(factory, config, transport=make()) as sender:
+                    seconds = deliver_all(sender, count)
+                best[name] = min(best.get(name, seconds), seconds)
+        engine.dispose()
+
+    print(f"{count} mails from the outbox ({db_url.split(':', 1)[0]}) to aiosmtpd on 127.0.0.1, "
+          f"{os.cpu_count()} CPUs, best of {args.rounds}:")
+    rates = {name: count / seconds for name, seconds in best.items()}
+    for name, rate in rates.items():
+        print(f"  {name:<40} {rate:8.0f} mails/s  ({best[name]:.2f} s)")
+    pooled, single = rates.values()
+    print(f"  ratio pooled / one connection per mail: {pooled / single:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The mail outbox: mail flush (deliver now, for cron), mail list (what waits, what went, what fails)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from sqlalchemy import select
+
+from ..mail.sender import STATUSES, DeliveryReport, deliver_pending
+from ..models import Mail
+from . import cli
+from .context import AppContext, emit_json, json_option, pass_app, table, when
+
+
+@cli.group("mail")
+def mail_group() -> None:
+    """The mail outbox: notifications to admins and crash creators."""
+
+
+def _summary(report: DeliveryReport) -> str:
+    if not (report.sent or report.failed or report.digests or report.deferred):
+        return f"no mails due (destination: {report.destination})"
+    parts = [f"sent {report.sent} mail{'' if report.sent == 1 else 's'} to {report.destination}"]
+    if report.digests:
+        parts.append(f"{report.digested} folded into {report.digests} digest{'' if report.digests == 1 else 's'} "
+                     f"by flood control")
+    if report.deferred:
+        parts.append(f"{report.deferred} held back by flood control until the window has room")
+    if report.failed:
+        parts.append(f"{report.failed} failed (see `retracer mail list --status failing` and --status failed)")
+    return "; ".join(parts)
+
+
+@mail_group.command("flush", short_help="Deliver the mails that are due now (for cron).")
+@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Deliver at most this many mails in this run.")
+@json_option
+@pass_app
+@click.pass_context
+def flush(ctx: click.Context, app: AppContext, limit: int, as_json: bool) -> None:
+    """Deliver the mails that are due now (for cron; `serve` does it on its own).
+
+    Exits 1 when a mail failed; failing mails are retried later with backoff.
+    """
+    report = deliver_pending(app.factory, app.config, limit)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(_summary(report))
+    if report.failed:
+        ctx.exit(1)
+
+
+def mail_dict(mail: Mail) -> dict[str, Any]:
+    return {"id": mail.id, "job": mail.job_id, "state": mail.state, "recipient": mail.recipient,
+            "rationale": mail.rationale, "status": mail.status, "attempts": mail.attempts,
+            "last_error": mail.last_error, "next_attempt_at": mail.next_attempt_at, "message_id": mail.message_id,
+            "digest_of": mail.digest_of, "created_at": mail.created_at, "sent_at": mail.sent_at}
+
+
+@mail_group.command("list", short_help="Pending, sent and failing mails, with their last error.")
+@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only mails with this status.")
+@click.option("--job", "job_id", type=int, default=None, help="Only mails about this job.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Show the most recent this many.")
+@json_option
+@pass_app
+def list_cmd(app: AppContext, status: str | None, job_id: int | None, limit: int, as_json: bool) -> None:
+    """Mails in the outbox, oldest first: pending, sending, sent, failing (with the last error), failed,
+    digested (replaced by a flood-control digest)."""
+    with app.transaction() as session:
+        stmt = select(Mail).order_by(Mail.id.desc()).limit(limit)
+        if status:
+            stmt = stmt.where(Mail.status == status)
+        if job_id is not None:
+            stmt = stmt.where(Mail.job_id == job_id)
+        found = list(reversed(session.scalars(stmt).all()))
+    if as_json:
+        emit_json([mail_dict(m) for m in found])
+        return
+    if not found:
+        click.echo("no mails" + (f" with status {status}" if status else "") +
+                   (f" about job {job_id}" if job_id is not None else ""))
+        return
+    click.echo(table(
+        ["ID", "JOB", "STATE", "TO", "WHY", "STATUS", "TRIES", "NEXT TRY", "LAST ERROR"],
+        [[m.id, m.job_id if m.job_id is not None else "-", m.state, m.recipient, m.rationale,
+          f"{m.status} (#{m.digest_of})" if m.status == "digested" else m.status, m.attempts,
+          when(m.next_attempt_at) if m.status in ("pending", "failing") else "-",
+          (m.last_error or "-") if m.status != "sent" else "-"] for m in found]))

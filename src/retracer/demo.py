@@ -1,0 +1,340 @@
+"""`retracer demo`: the whole story on the embedded default, through the real bus and the real machine.
+
+It creates an instance in a fresh directory, starts `retracer serve` as its own process, and plays four
+crashes with a STAND-IN worker and uploader: they take the work requests `serve` dispatches and publish
+exactly the events (and write exactly the uploads) a real worker would, with scripted outcomes. The
+admin's rescue is the `retracer rescue` command, run as an admin would type it. Nothing is faked past
+that line: the transitions, the backoff, the spool checks, the mails are retracer's own.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import config as cfg
+from . import db, spool
+from . import events as ev
+from .bus import embedded
+from .errors import RetracerError
+from .models import History, Job
+
+ADMINS = ["ada.admin@example.com", "bob.admin@example.com"]
+GOOD_BACKTRACE = """\
+#0  __pthread_kill_implementation (threadid=<optimized out>, signo=6) at ./nptl/pthread_kill.c:44
+#1  0x00007f3c2a04526e in __GI_raise (sig=6) at ../sysdeps/posix/raise.c:26
+#2  0x00007f3c2a0288ff in __GI_abort () at ./stdlib/abort.c:79
+#3  0x000055d0c0a1b1d9 in {function} () at {source}:{line}
+#4  0x000055d0c0a1b201 in main (argc=1, argv=0x7ffd6c1b2a88) at {source}:{main_line}
+"""
+NO_SYMBOLS = "#0  0x00007f3c2a0969fc in ?? ()\n#1  0x00007f3c2a04526e in ?? ()\n#2  0x000055d0c0a1b1d9 in ?? ()\n"
+
+
+@dataclass
+class Crash:
+    """One crash of the story and what the stand-in worker will do with each attempt."""
+
+    crash_id: str
+    package: str
+    version: str
+    creator: str
+    function: str
+    outcomes: list[str]  # per attempt: "ok", "transient", "no-symbols"
+    expect_state: str
+    expect_attempts: int
+    job: int = 0
+    attempt: int = 0
+    leaf: str | None = None
+
+
+CRASHES = [
+    Crash("LP-2071", "gedit", "46.2-1", "carol@example.com", "gedit_document_save", ["ok"], "FULLYBUILT", 0),
+    Crash("LP-2072", "nautilus", "46.1-1", "dave@example.com", "nautilus_file_get_name",
+          ["transient", "ok"], "FULLYBUILT", 1),
+    Crash("LP-2073", "evince", "46.3-1", "erin@example.com", "ev_document_load", ["transient"] * 3, "ON_HOLD", 3),
+    Crash("LP-2074", "totem", "43.0-2", "frank@example.com", "totem_object_play", ["no-symbols"], "FULLYBUILT", 0),
+]
+
+FAILURE = "E: Failed to fetch http://archive.ubuntu.com/ubuntu/pool/main/{p}/{p}-dbgsym.ddeb  503  Service Unavailable"
+
+
+@dataclass
+class Story:
+    root: Path
+    config_path: Path
+    out: Callable[[str], None]
+    started: float = field(default_factory=time.monotonic)
+    seen_history: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        self.out(f"[{time.monotonic() - self.started:5.1f}s] {text}")
+
+    def env(self) -> dict[str, str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RETRACER__")}
+        return {**clean, "RETRACER_CONFIG": str(self.config_path)}
+
+    def command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        self.out(f"\n    $ RETRACER_CONFIG={self.config_path} retracer {' '.join(_quote(a) for a in args)}")
+        proc = subprocess.run([sys.executable, "-m", "retracer", *args], env=self.env(), capture_output=True,
+                              text=True, timeout=60)
+        for line in (proc.stdout + proc.stderr).rstrip().splitlines():
+            self.out(f"    {line}")
+        self.out("")
+        return proc
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg else arg
+
+
+def write_config(root: Path) -> Path:
+    """The demo instance's configuration: the embedded defaults with short timings so the story fits a minute."""
+    path = root / "retracer.toml"
+    admins = ", ".join(f'"{a}"' for a in ADMINS)
+    path.write_text(f"""# The demo's instance: the embedded default (SQLite, no broker, mail to an mbox file).
+# Use it with: RETRACER_CONFIG={path} retracer status
+
+[service]
+data_dir = "{root}"
+max_parallel = 2
+heartbeat_timeout_s = 30.0
+poll_interval_s = 0.2
+batch_wait_ms = 20
+
+[mail]
+admins = [{admins}]
+
+[policy]
+max_attempts = 3
+backoff_base_s = 1.0
+backoff_factor = 2.0
+backoff_max_s = 4.0
+""", encoding="utf-8")
+    return path
+
+
+def run(root: Path, out: Callable[[str], None] = print, timeout: float = 55.0) -> int:
+    """Play the story; return 0 when it ends as told, 1 (after saying what diverged) otherwise."""
+    root = root.resolve()
+    if root.exists() and any(root.iterdir()):
+        raise RetracerError(f"{root} is not empty; the demo needs a fresh directory (give another --dir)")
+    root.mkdir(parents=True, exist_ok=True)
+    story = Story(root, write_config(root), out)
+    config = cfg.load(story.config_path, environ={})
+    out(f"retracer demo: an embedded instance in {root}")
+    out("  state: SQLite file retracer.db; bus: its inbox table; mail: mail/outbox.mbox; uploads: spool/")
+    out("  The worker and the uploader below are STAND-INS: they publish exactly the events a real worker")
+    out("  publishes (retrace.started, retrace.heartbeat, retrace.failed) and write uploads into the spool")
+    out("  the way a real uploader does, with outcomes scripted for the story. Everything else is retracer.")
+    out("")
+    db.upgrade(config.database_url)
+    engine = db.make_engine(config.database_url)
+    factory = db.session_factory(engine)
+    spool.ensure_layout(config.spool_dir)
+    log = open(root / "serve.log", "ab")  # noqa: SIM115  # held for the server's lifetime
+    server = subprocess.Popen([sys.executable, "-m", "retracer", "serve"], env=story.env(), stdout=log,
+                              stderr=log)
+    story.say(f"started `retracer serve` (pid {server.pid}, log {root / 'serve.log'})")
+    try:
+        _play(story, config, factory, server, timeout)
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
+        log.close()
+        engine.dispose()
+    return _verdict(story, config, factory)
+
+
+def _publish(factory: sessionmaker[Session], *events: ev.Event) -> None:
+    with db.transaction(factory) as session:
+        embedded.append(session, [e.to_json() for e in events])
+
+
+def _play(story: Story, config: cfg.Config, factory: sessionmaker[Session], server: subprocess.Popen[bytes],
+          timeout: float) -> None:
+    for crash in CRASHES:
+        _publish(factory, ev.make("crash.submitted", None, {
+            "crash_id": crash.crash_id, "creator": crash.creator, "package": crash.package,
+            "version": crash.version, "architecture": "amd64", "release": "noble",
+            "core": f"/srv/crashes/{crash.crash_id}/core", "executable": f"/usr/bin/{crash.package}"},
+            source="demo:reporter"))
+    story.say(f"published {len(CRASHES)} crash.submitted events (" + ", ".join(c.package for c in CRASHES) + ")")
+    rescued = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            story.problems.append(f"`retracer serve` exited with status {server.returncode}; see serve.log")
+            return
+        _show_transitions(story, factory)
+        with db.transaction(factory) as session:
+            requests = embedded.take_work(session, 10)
+        for request in requests:
+            _work(story, config, factory, request)
+        states = _states(factory)
+        failed = [c for c in CRASHES if states.get(c.job) == "FAILEDTOUPLOAD"]
+        if failed and not rescued and _mails_sent(factory):
+            _show_transitions(story, factory)
+            _rescue(story, config, failed[0])
+            rescued = True
+        if all(states.get(c.job) == c.expect_state for c in CRASHES) and rescued and not _mails_pending(factory):
+            _show_transitions(story, factory)
+            return
+        time.sleep(0.1)
+    story.problems.append(f"the story did not finish within {timeout:.0f}s")
+
+
+def _work(story: Story, config: cfg.Config, factory: sessionmaker[Session], request: dict[str, Any]) -> None:
+    """The stand-in worker: take a work request, retrace (scripted), report through events and the spool."""
+    crash = next(c for c in CRASHES if c.crash_id == request["data"]["crash_id"])
+    crash.job = request["job"]
+    outcome = crash.outcomes[min(crash.attempt, len(crash.outcomes) - 1)]
+    crash.attempt += 1
+    worker = f"standin-worker-{crash.attempt}"
+    story.say(f"stand-in worker took the work request for job {crash.job} ({crash.package}), "
+              f"attempt {request['data']['attempt']}")
+    _publish(factory, ev.make("retrace.started", crash.job, {"worker": worker}, source=worker),
+             ev.make("retrace.heartbeat", crash.job, {"worker": worker}, source=worker))
+    if outcome == "transient":
+        _publish(factory, ev.make("retrace.failed", crash.job, {"error": FAILURE.format(p=crash.package),
+                                                                "worker": worker}, source=worker))
+        return
+    crash.leaf = f"{crash.crash_id}-upload-{crash.attempt}"
+    backtrace = GOOD_BACKTRACE.format(function=crash.function, source=f"src/{crash.package}.c", line=412,
+                                      main_line=57) if outcome == "ok" else NO_SYMBOLS
+    # The stand-in uploader only writes the upload once the job is RETRACING, as a real one would.
+    _wait_state(factory, crash.job, "RETRACING")
+    spool.write_upload(config.spool_dir, crash.leaf, {"job": crash.job, "crash_id": crash.crash_id,
+                                                      "build_ids": [], "worker": worker},
+                       backtrace, f"{worker}: retraced {crash.crash_id} in 2.1s\n")
+    story.say(f"stand-in uploader wrote spool/incoming/{crash.leaf} for job {crash.job}")
+
+
+def _wait_state(factory: sessionmaker[Session], job: int, state: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _states(factory).get(job) != state:
+        time.sleep(0.05)
+
+
+def _rescue(story: Story, config: cfg.Config, crash: Crash) -> None:
+    """What the admin does after reading the FAILEDTOUPLOAD mail: look, fix, dry-run, rescue."""
+    story.say(f"job {crash.job} is FAILEDTOUPLOAD; the admins and {crash.creator} have the mail with the upload "
+              f"log. The admin looks at the job:")
+    story.command("show", str(crash.job))
+    kept = config.spool_dir / "failed" / str(crash.leaf) / "backtrace.txt"
+    kept.write_text(GOOD_BACKTRACE.format(function=crash.function, source=f"src/{crash.package}.c", line=88,
+                                          main_line=21), encoding="utf-8")
+    story.say(f"the admin installed the missing debug symbols and regenerated {kept.relative_to(story.root)}; "
+              f"first a dry run, then the rescue:")
+    story.command("rescue", str(crash.job), "--dry-run")
+    story.command("rescue", str(crash.job), "--as", "ada", "--reason", "debug symbols installed on the worker")
+
+
+def _states(factory: sessionmaker[Session]) -> dict[int, str]:
+    with factory() as session:
+        return {i: s for i, s in session.execute(select(Job.id, Job.state))}
+
+
+def _mails_pending(factory: sessionmaker[Session]) -> bool:
+    from .models import Mail
+
+    with factory() as session:
+        return session.scalar(select(Mail.id).where(Mail.status != "sent").limit(1)) is not None
+
+
+def _mails_sent(factory: sessionmaker[Session]) -> bool:
+    return not _mails_pending(factory)
+
+
+def _show_transitions(story: Story, factory: sessionmaker[Session]) -> None:
+    with factory() as session:
+        rows = list(session.execute(
+            select(History, Job.package).join(Job, Job.id == History.job_id)
+            .where(History.id > story.seen_history).order_by(History.id)).tuples())
+    for h, package in rows:
+        story.seen_history = h.id
+        why = f" ({h.reason})" if h.reason and h.trigger not in ("submit",) else ""
+        story.say(f"job {h.job_id} {package}: {h.from_state or 'new'} -> {h.to_state} [{h.trigger}, by {h.actor}]"
+                  f"{why}")
+
+
+def _verdict(story: Story, config: cfg.Config, factory: sessionmaker[Session]) -> int:
+    out = story.out
+    engine = factory.kw["bind"]
+    states = _states(factory)
+    with factory() as session:
+        jobs = {j.id: j for j in session.scalars(select(Job))}
+    for crash in CRASHES:
+        job = jobs.get(crash.job)
+        if job is None:
+            story.problems.append(f"{crash.crash_id} ({crash.package}) never became a dispatched job")
+            continue
+        if states[job.id] != crash.expect_state:
+            story.problems.append(f"job {job.id} ({crash.package}) ended {job.state}, the story says "
+                                  f"{crash.expect_state}")
+        if job.attempts != crash.expect_attempts:
+            story.problems.append(f"job {job.id} ({crash.package}) has {job.attempts} failed attempts, the story "
+                                  f"says {crash.expect_attempts}")
+    mails = _read_mbox(config.mailbox_path)
+    expected = _expected_mails(jobs)
+    got = sorted((m["X-Retracer-Job"], m["X-Retracer-Job-State"], m["To"]) for m in mails)
+    if got != sorted(expected):
+        story.problems.append(f"mails differ from the story: expected {sorted(expected)}, got {got}")
+    out("")
+    out(f"Mail: {len(mails)} messages in {config.mailbox_path} (an mbox file; read it with "
+        f"`mutt -f {config.mailbox_path}` or `python3 -m mailbox` tools, or list them with `retracer mail list`):")
+    for m in mails:
+        out(f"  To: {m['To']:<24} {m['Subject']}  [{m['X-Retracer-Job-State']}, {m['X-Retracer-Rationale']}]")
+    story.command("status")
+    engine.dispose()
+    if story.problems:
+        out("The demo DIVERGED from its story:")
+        for p in story.problems:
+            out(f"  - {p}")
+        out(f"Look at {story.root / 'serve.log'} and `retracer show JOB` with RETRACER_CONFIG={story.config_path}.")
+        return 1
+    out("The story ended as told. Explore further (the instance is left in place):")
+    out(f"  export RETRACER_CONFIG={story.config_path}")
+    for cmd in ("retracer jobs", "retracer show 4", "retracer states --diagram", "retracer mail list",
+                "retracer serve        # keep the service running; Ctrl-C stops it cleanly"):
+        out(f"  {cmd}")
+    return 0
+
+
+def _expected_mails(jobs: dict[int, Job]) -> list[tuple[str, str, str]]:
+    expected = []
+    for crash in CRASHES:
+        job = str(crash.job)
+        if crash.outcomes[0] == "no-symbols":
+            expected += [(job, "FAILEDTOUPLOAD", a) for a in ADMINS] + [(job, "FAILEDTOUPLOAD", crash.creator)]
+        if crash.expect_state == "FULLYBUILT":
+            expected.append((job, "FULLYBUILT", crash.creator))
+        if crash.expect_state == "ON_HOLD":
+            expected += [(job, "ON_HOLD", a) for a in ADMINS]
+    return expected
+
+
+def _read_mbox(path: Path) -> list[Any]:
+    if not path.exists():
+        return []
+    box = mailbox.mbox(str(path))
+    try:
+        return list(box)
+    finally:
+        box.close()
+
+
+def default_dir() -> Path:
+    return Path.cwd() / f"retracer-demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,226 @@
+"""A mail row becomes an ``email.message.EmailMessage``: the state's templates, subject, headers, Message-ID.
+
+Templates are read only from the package (``retracer.email_templates``, shipped from templates/email/),
+never from the working directory, with StrictUndefined so a template naming a value the snapshot lacks
+fails loudly instead of mailing a blank. ``.html`` templates are autoescaped; values from events reach a
+header only through :func:`retracer.mail.headers.clean`.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.headerregistry import HeaderRegistry
+from email.message import EmailMessage
+from email.utils import format_datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import (
+    Environment,
+    PackageLoader,
+    StrictUndefined,
+    Template,
+    TemplateError,
+    TemplateNotFound,
+    UndefinedError,
+    select_autoescape,
+)
+
+from ..config import Config
+from ..errors import MailError
+from ..models import Mail, utcnow
+from .headers import address, clean
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The standard registry, remembering the class it builds per header name.
+
+    HeaderRegistry builds a new class on every lookup; that was half the cost of rendering a mail
+    (measured: 1.5 ms -> 0.8 ms per mail). Parsing, and so its safety, is unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        key = name.lower()
+        made = self._made.get(key)
+        if made is None:
+            made = self._made[key] = super().__getitem__(name)
+        return made
+
+
+POLICY = email.policy.default.clone(header_factory=_HeaderClasses())
+
+#: The state of a flood-control digest row (it has no job and no transition of its own).
+DIGEST = "DIGEST"
+TEMPLATE_PACKAGE = "retracer.email_templates"
+_STATE_NAME = re.compile(r"^[A-Z][A-Z_]{0,19}$")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What one mail is about: the row's fields that rendering needs, detached from any session."""
+
+    job_id: int | None
+    history_id: int | None
+    state: str
+    recipient: str
+    rationale: str
+    context: Mapping[str, Any] = field(default_factory=dict)
+    mail_id: int | None = None
+
+    @classmethod
+    def from_mail(cls, mail: Mail) -> Notice:
+        return cls(job_id=mail.job_id, history_id=mail.history_id, state=mail.state, recipient=mail.recipient,
+                   rationale=mail.rationale, context=dict(mail.context or {}), mail_id=mail.id)
+
+    def with_context(self, **changes: Any) -> Notice:
+        """A copy whose context has ``changes`` applied (for specs and tests)."""
+        return Notice(self.job_id, self.history_id, self.state, self.recipient, self.rationale,
+                      {**self.context, **changes}, self.mail_id)
+
+
+def duration(seconds: object) -> str:
+    """A human duration, coarse like Launchpad's ("1 minute", "2 hours 5 minutes")."""
+    if seconds is None or isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return "unknown"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} second{'' if s == 1 else 's'}"
+    if s < 3600:
+        m = s // 60
+        return f"{m} minute{'' if m == 1 else 's'}"
+    h, m = s // 3600, s % 3600 // 60
+    hours = f"{h} hour{'' if h == 1 else 's'}"
+    return hours if m == 0 else f"{hours} {m} minute{'' if m == 1 else 's'}"
+
+
+@cache
+def environment() -> Environment:
+    """The one Jinja environment: package templates, strict undefined, autoescape for .html only."""
+    env = Environment(
+        loader=PackageLoader(TEMPLATE_PACKAGE, "."),
+        undefined=StrictUndefined,
+        autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False, default=False),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["duration"] = duration
+    return env
+
+
+def crash_title(context: Mapping[str, Any]) -> str:
+    """``i386 retrace of cdrkit 1.0 in breezy-autotest (crash crash-0001)``, Launchpad's build title shape."""
+    def get(key: str) -> str:
+        return str(context.get(key) or "?")
+
+    return (f"{get('architecture')} retrace of {get('package')} {get('version')} in {get('release')} "
+            f"(crash {get('crash_id')})")
+
+
+def subject(notice: Notice) -> str:
+    if notice.state == DIGEST:
+        jobs = ", ".join(str(item.get("job")) for item in notice.context.get("items", []))
+        return clean(f"[Retrace digest] {notice.context.get('count', '?')} notifications: jobs {jobs}")
+    return clean(f"[Retrace #{notice.job_id}] {crash_title(notice.context)}")
+
+
+def message_id(notice: Notice, sender: str) -> str:
+    """The same Message-ID every time a given mail is rendered, so a resend can be recognised as one."""
+    domain = sender.rsplit("@", 1)[1]
+    if notice.state == DIGEST:
+        key, local = f"digest\0{notice.mail_id}", f"retracer.digest.{notice.mail_id}"
+    else:
+        key, local = f"{notice.job_id}\0{notice.history_id}", f"retracer.{notice.job_id}.{notice.history_id}"
+    digest = hashlib.sha256(f"{sender}\0{key}\0{notice.recipient.strip().lower()}".encode()).hexdigest()[:16]
+    return f"<{local}.{digest}@{domain}>"
+
+
+def _template(name: str) -> Template | None:
+    try:
+        return environment().get_template(name)
+    except TemplateNotFound:
+        return None
+
+
+def _where(exc: BaseException, template: Template) -> str:
+    """The template file and line an error came from (Jinja maps its frames back to template lines)."""
+    where = str(template.name)
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.endswith((".txt", ".html")):
+            where = f"{Path(filename).name} line {tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
+
+
+def _render(template: Template, values: Mapping[str, Any], notice: Notice) -> str:
+    try:
+        text = template.render(values)
+    except UndefinedError as exc:
+        raise MailError(f"cannot make the {notice.state} mail for job {notice.job_id} to {notice.recipient}: "
+                        f"template {_where(exc, template)} uses a value the mail's snapshot does not have "
+                        f"({exc}); fix the template or add the value in retracer.notify.snapshot") from None
+    except TemplateError as exc:
+        raise MailError(f"cannot make the {notice.state} mail for job {notice.job_id}: template "
+                        f"{_where(exc, template)} failed: {exc}") from None
+    # A lone surrogate (legal in JSON, illegal in UTF-8) must not make the whole mail unsendable.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _check(notice: Notice) -> None:
+    """Refuse what Launchpad refuses: a mail that could not tell its reader what to do."""
+    if notice.state == "FAILEDTOUPLOAD":
+        log = notice.context.get("upload_log")
+        if not isinstance(log, str) or not log.strip():
+            raise MailError(f"An upload log is required for FAILEDTOUPLOAD notifications: job {notice.job_id} "
+                            f"has none, and without it nobody can tell why the upload failed or rescue it. "
+                            f"The upload.failed event must carry upload_log.")
+
+
+def render(notice: Notice, config: Config, now: datetime | None = None) -> EmailMessage:
+    """The complete message for ``notice``; raises MailError saying what is missing and where to fix it."""
+    if not _STATE_NAME.match(notice.state):
+        raise MailError(f"mail {notice.mail_id}: {notice.state!r} is not a state name")
+    _check(notice)
+    name = "digest" if notice.state == DIGEST else notice.state
+    text_template = _template(f"{name}.txt")
+    if text_template is None:
+        raise MailError(f"no mail template for state {notice.state}: add templates/email/{name}.txt, or "
+                        f"remove {notice.state} from the notify lists in states/workflow.toml")
+    sender = config["mail"]["sender"]
+    values: dict[str, Any] = {**notice.context, "job": notice.job_id, "rationale": notice.rationale,
+                              "recipient": notice.recipient, "title": crash_title(notice.context)}
+    if notice.state == DIGEST:
+        values["window"] = duration(notice.context.get("window_s"))
+
+    msg = EmailMessage(policy=POLICY)
+    msg["From"] = sender
+    msg["To"] = address(notice.recipient)
+    msg["Subject"] = subject(notice)
+    msg["Date"] = format_datetime(now or utcnow())
+    msg["Message-ID"] = message_id(notice, sender)
+    # RFC 3834: keeps vacation responders from answering a notification.
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Retracer-Rationale"] = clean(notice.rationale)
+    if notice.state == DIGEST:
+        msg["X-Retracer-Digest"] = clean(notice.context.get("count", ""))
+    else:
+        msg["X-Retracer-Job"] = str(notice.job_id)
+        msg["X-Retracer-Job-State"] = clean(notice.state)
+        msg["X-Creator-Recipient"] = clean(notice.context.get("creator", ""))
+    msg.set_content(_render(text_template, values, notice))
+    html_template = _template(f"{name}.html")
+    if html_template is not None:
+        msg.add_alternative(_render(html_template, values, notice), subtype="html")
+    return msg

@@ -1,0 +1,278 @@
+"""Where rendered mails go: an SMTP server over a small pool of reused connections, or an mbox file.
+
+Both report each mail's outcome through the ``done`` callback as soon as it is known, so the sender can
+mark it sent in the database right after the server (or the file) has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mailbox
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+import aiosmtplib
+
+from ..config import Config
+from ..errors import MailError
+
+log = logging.getLogger("retracer.mail")
+
+
+def _mask(url: str) -> str:
+    """The url as it may be printed: a password written into it is hidden."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1********@", url)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One rendered mail on its way out."""
+
+    mail_id: int
+    recipient: str
+    message_id: str
+    message: EmailMessage
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a mail was not delivered; a permanent one is never retried."""
+
+    error: str
+    permanent: bool = False
+
+
+Done = Callable[[Outgoing, Failure | None], Awaitable[None]]
+#: The next mail to send, or None when there are no more. Mails are rendered as they are asked for, so
+#: one connection's worker renders while another waits for its server's answer.
+Source = Callable[[], Awaitable[Outgoing | None]]
+
+
+class Transport(Protocol):
+    """Delivers up to ``size`` mails from ``source``, calling ``done`` once per mail with None (delivered)
+    or a Failure."""
+
+    description: str
+
+    async def send_all(self, source: Source, done: Done, size: int) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ServerUnavailable(MailError):
+    """Raised when the SMTP server cannot be reached or refuses the session (connect, TLS, login)."""
+
+
+class SmtpTransport:
+    """aiosmtplib over at most ``pool_size`` connections, kept open between batches.
+
+    One connection gains nothing from parallel sends (aiosmtplib serialises them with a lock), so the
+    pool runs one worker per connection. A server that has dropped an idle connection shows up as
+    SMTPServerDisconnected (or a 421) on the next send: the worker reconnects and retries that mail once.
+    When a connection cannot be opened at all, the rest of the run is failed at once instead of
+    waiting for one timeout per mail; every mail keeps its own backoff.
+    """
+
+    def __init__(self, url: str, *, sender: str, starttls: bool = False, username: str = "", password: str = "",
+                 timeout: float = 30, pool_size: int = 4, reuse: bool = True) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("smtp", "smtps") or not parsed.hostname:
+            raise MailError(f"[mail] url = {_mask(url)!r}: use smtp://HOST:PORT or smtps://HOST:PORT")
+        self.use_tls = parsed.scheme == "smtps"
+        if self.use_tls and starttls:
+            raise MailError("[mail] starttls = true with an smtps:// url: smtps is TLS from the first byte; "
+                            "use smtp://HOST:587 with starttls = true, or set starttls = false")
+        if bool(username) != bool(password):
+            raise MailError("[mail] username and password go together: set both to log in, or neither")
+        self.hostname = parsed.hostname
+        self.port = parsed.port or (465 if self.use_tls else 25)
+        self.sender = sender
+        # start_tls=None would upgrade only when the server offers it, which an attacker can strip.
+        self.starttls = starttls
+        self.username = username or None
+        self.password = password or None
+        self.timeout = timeout
+        self.pool_size = max(1, pool_size)
+        self.reuse = reuse
+        self.description = _mask(url)
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._down: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, *, pool_size: int | None = None, reuse: bool = True) -> SmtpTransport:
+        m = config["mail"]
+        return cls(m["url"], sender=m["sender"], starttls=m["starttls"], username=m["username"],
+                   password=m["password"], timeout=m["timeout_s"],
+                   pool_size=m["pool_size"] if pool_size is None else pool_size, reuse=reuse)
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(hostname=self.hostname, port=self.port, use_tls=self.use_tls,
+                                 start_tls=self.starttls, username=self.username, password=self.password,
+                                 timeout=self.timeout)
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            raise ServerUnavailable(f"{self.description} refused the login as {self.username!r}: {exc.code} "
+                                    f"{exc.message}; check [mail] username and password") from None
+        except aiosmtplib.SMTPNotSupported as exc:
+            client.close()
+            raise ServerUnavailable(f"{self.description}: {exc} (STARTTLS is required by [mail] starttls)") \
+                from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            client.close()
+            raise ServerUnavailable(f"cannot connect to {self.description}: {exc or type(exc).__name__}") \
+                from None
+        return client
+
+    async def _send(self, client: aiosmtplib.SMTP | None, item: Outgoing) -> aiosmtplib.SMTP:
+        """Send ``item``, reconnecting once if the connection turns out to be dead; returns the client."""
+        for retry in (False, True):
+            if client is not None and not client.is_connected:
+                client.close()
+                client = None
+            if client is None:
+                client = await self._connect()
+            try:
+                await client.send_message(item.message, sender=self.sender, recipients=[item.recipient])
+                return client
+            except aiosmtplib.SMTPServerDisconnected:
+                client.close()
+                client = None
+                if retry:
+                    raise
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code != 421 or retry:  # 421: the server is closing this connection
+                    raise
+                client.close()
+                client = None
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _worker(self, source: Source, done: Done) -> None:
+        client = self._idle.pop() if self._idle else None
+        try:
+            while (item := await source()) is not None:
+                if self._down is not None:
+                    await done(item, Failure(f"not attempted: {self._down}"))
+                    continue
+                try:
+                    client = await self._send(client, item)
+                except ServerUnavailable as exc:
+                    self._down = str(exc)
+                    client = None
+                    await done(item, Failure(str(exc)))
+                    continue
+                except aiosmtplib.SMTPRecipientsRefused as exc:
+                    codes = [r.code for r in exc.recipients]
+                    text = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+                    await done(item, Failure(f"{self.description} refused {item.recipient}: {text}",
+                                             permanent=all(code >= 500 for code in codes)))
+                    continue
+                except aiosmtplib.SMTPResponseException as exc:
+                    await done(item, Failure(f"{self.description} answered {exc.code} {exc.message}"))
+                    continue
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                    if client is not None:
+                        client.close()
+                    client = None
+                    await done(item, Failure(f"sending to {self.description} failed: "
+                                             f"{exc or type(exc).__name__}"))
+                    continue
+                if not self.reuse:
+                    await _quit(client)
+                    client = None
+                await done(item, None)
+        finally:
+            if client is not None and client.is_connected and self.reuse:
+                self._idle.append(client)
+            elif client is not None:
+                client.close()
+
+    async def send_all(self, source: Source, done: Done, size: int) -> None:
+        self._down = None
+        await asyncio.gather(*(self._worker(source, done) for _ in range(min(self.pool_size, size))))
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(_quit(client) for client in idle))
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        await client.quit()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        client.close()
+
+
+class MboxTransport:
+    """The embedded default: append to an mbox file, locked, skipping a Message-ID already in it.
+
+    The skip is what makes a crash between appending a mail and marking it sent harmless: the next run
+    finds the Message-ID (deterministic per job, transition and recipient) and only marks the row.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = f"mbox file {path}"
+
+    async def send_all(self, source: Source, done: Done, size: int) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            box = mailbox.mbox(str(self.path), create=True)
+            box.lock()
+        except (OSError, mailbox.Error) as exc:
+            while (item := await source()) is not None:
+                await done(item, Failure(f"cannot open {self.description}: {exc}"))
+            return
+        try:
+            present = message_ids(self.path)
+            while (item := await source()) is not None:
+                if item.message_id not in present:
+                    try:
+                        box.add(item.message)
+                        box.flush()
+                    except OSError as exc:
+                        await done(item, Failure(f"cannot write to {self.description}: {exc}"))
+                        continue
+                    present.add(item.message_id)
+                await done(item, None)
+        finally:
+            box.unlock()
+            box.close()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def message_ids(path: Path) -> set[str]:
+    """The Message-IDs in an mbox file, read from the header blocks only (a body may quote headers)."""
+    ids: set[str] = set()
+    if not path.exists():
+        return ids
+    in_headers = False
+    previous_blank = True
+    with open(path, "rb") as f:
+        for line in f:
+            blank = line in (b"\n", b"\r\n")
+            if previous_blank and line.startswith(b"From "):
+                in_headers = True
+            elif in_headers:
+                if blank:
+                    in_headers = False
+                elif line[:11].lower() == b"message-id:":
+                    ids.add(line[11:].strip().decode("ascii", "replace"))
+            previous_blank = blank
+    return ids
+
+
+def transport_for(config: Config) -> Transport:
+    """SMTP when [mail] url is set, else the mbox file under the data directory."""
+    if config["mail"]["url"]:
+        return SmtpTransport.from_config(config)
+    return MboxTransport(config.mailbox_path)
