@@ -58,7 +58,7 @@ def _failed(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> Non
     job.attempts += 1
     job.last_error = str(ctx.data.get("error", ""))
     job.failure_pattern = change.notes.get("pattern")
-    job.worker = None
+    # job.worker is kept: the mail and `show` say which worker had the failed attempt.
     job.dispatched_at = None
     job.last_heartbeat = None
     policy = ctx.policy or FailurePolicy()

@@ -203,7 +203,8 @@ def _retried_later(after: Job, before: Job, t0: datetime, t1: datetime) -> None:
     backoff = timedelta(seconds=300)  # policy.backoff_base_s for the first retry
     assert after.attempts == before.attempts + 1 == 1
     assert after.not_before is not None and t0 + backoff <= after.not_before <= t1 + backoff
-    assert after.worker is None and after.last_heartbeat is None and after.hold_reason is None
+    # The worker of the failed attempt is kept for the mail and `show`; the heartbeat is not.
+    assert after.worker == before.worker and after.last_heartbeat is None and after.hold_reason is None
 
 
 def _held_permanent(after: Job, before: Job, t0: datetime, t1: datetime) -> None:
