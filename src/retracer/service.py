@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import dispatch, uploads
+from . import dispatch, faults, uploads
 from .applier import Applier, Outcome
 from .bus import embedded
 from .config import Config
@@ -84,6 +84,8 @@ class Service:
             try:
                 with self.factory() as session, session.begin():
                     outcomes = self.applier.apply_batch(session, list(bodies))
+                    faults.point("apply.before_commit")
+                faults.point("apply.after_commit")
                 self.stats.count(outcomes)
                 return outcomes
             except RETRYABLE as exc:
@@ -121,6 +123,8 @@ class Service:
                         return 0
                     outcomes = self.applier.apply_batch(session, [r.body for r in rows])
                     embedded.done(session, rows)
+                    faults.point("apply.before_commit")
+                faults.point("apply.after_commit")
                 self.stats.count(outcomes)
                 return len(rows)
             except RETRYABLE as exc:

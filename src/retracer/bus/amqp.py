@@ -24,6 +24,7 @@ from typing import Any
 from kombu import Connection, Exchange, Queue, binding
 from kombu.mixins import ConsumerMixin
 
+from .. import faults
 from ..config import Config
 from ..errors import BrokerError
 from ..events import TYPES, WORK_REQUEST
@@ -164,6 +165,7 @@ class BatchConsumer(ConsumerMixin):
         else:
             for message in acks:
                 message.ack()
+        faults.point("ack.after")
 
     def on_iteration(self) -> None:
         now = time.monotonic()

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from .. import faults
 from ..config import Config
 from ..errors import MailError
 from ..models import Mail, utcnow
@@ -79,7 +80,8 @@ class Sender:
         self._runner: asyncio.Runner | None = None
         # Marks run on one thread beside the event loop, so SMTP I/O goes on while a commit waits.
         self._db: ThreadPoolExecutor | None = None
-        self.lease = timedelta(seconds=max(300.0, 10 * float(config["mail"]["timeout_s"])))
+        # A claim outlives any honest send (ten SMTP timeouts); a sender killed mid-flush is taken over then.
+        self.lease = timedelta(seconds=10 * float(config["mail"]["timeout_s"]))
 
     # -- public ----------------------------------------------------------------------------------------
 
@@ -219,6 +221,7 @@ class Sender:
                 report.failed += 1
 
         async def next_mail() -> Outgoing | None:
+            faults.point("mail.mid_flush")
             while queue:
                 notice = queue.popleft()
                 assert notice.mail_id is not None  # claimed notices come from database rows
@@ -243,6 +246,7 @@ class Sender:
             # its outcome is the one that counts.
             mine = and_(Mail.id == mail_id, Mail.status == "sending")
             if failure is None:
+                faults.point("mail.after_send")
                 session.execute(update(Mail).where(mine).values(status="sent", sent_at=now, next_attempt_at=None))
                 log.info("mail sent", extra={"mail": mail_id, "to": recipient})
                 return
