@@ -65,6 +65,7 @@ def _failed(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> Non
     if change.dest == "PENDING":
         job.not_before = now + policy.backoff(job.attempts)
         return
+    job.not_before = None
     first_line = job.last_error.strip().splitlines()[0][:300] if job.last_error.strip() else "no error text"
     if change.notes.get("transient") or change.trigger == "heartbeat_lost":
         why = f"retries exhausted after {job.attempts} of {policy.max_attempts} attempts"
@@ -87,6 +88,7 @@ def _retry(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None
 def _hold(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
     job.hold_reason = (ctx.reason or "").strip()
     job.dispatched_at = None
+    job.not_before = None
 
 
 def _release(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:

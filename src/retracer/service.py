@@ -167,7 +167,7 @@ class Service:
             policy = None
             for job in dispatch.stale_jobs(session, self.config):
                 policy = policy or self.applier.policy(session)
-                silent = int((utcnow() - job.last_heartbeat).total_seconds()) if job.last_heartbeat else None
+                silent = round((utcnow() - job.last_heartbeat).total_seconds(), 1) if job.last_heartbeat else None
                 error = f"no heartbeat from worker {job.worker or '?'} for {silent}s " \
                         f"(timeout {self.config['service']['heartbeat_timeout_s']}s)"
                 # The version makes the id unique per stale episode, so two services cannot both fire it.

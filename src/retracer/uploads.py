@@ -59,20 +59,29 @@ def upload_event(result: spool.UploadResult) -> dict[str, Any]:
                    event_id=f"upload:{result.leaf}:{digest[:24]}").to_dict()
 
 
-def process_incoming(config: Config, factory: sessionmaker[Session], apply: Any) -> list[Outcome]:
-    """Process every complete upload in incoming/ (the service's chore); ``apply`` commits a batch of events."""
-    outcomes: list[Outcome] = []
-    with spool_lock(config, blocking=False) as locked:
+def process_incoming(config: Config, factory: sessionmaker[Session], apply: Any, leaf: str | None = None,
+                     dry_run: bool = False) -> list[tuple[spool.UploadResult, Outcome | None]]:
+    """Process complete uploads in incoming/ (all, or one ``leaf``); ``apply`` commits a batch of events.
+
+    Used by the service's chore and by `retracer process-upload`. In a dry run every check runs and
+    nothing is stored, moved or applied. Returns each upload's result and the outcome of its event.
+    """
+    done: list[tuple[spool.UploadResult, Outcome | None]] = []
+    with spool_lock(config, blocking=leaf is not None or dry_run) as locked:
         if not locked:
-            return outcomes
+            return done
         limits = spool.Limits.from_config(config)
-        for leaf in spool.incoming_leaves(config.spool_dir):
-            result = spool.process(config.spool_dir, leaf, lambda job_id: expected_job(factory, job_id), limits,
-                                   config.results_dir, move=False)
-            if result.job_id is not None:
-                outcomes += apply([upload_event(result)])
-            spool.file_away(config.spool_dir, result)
-    return outcomes
+        leaves = spool.incoming_leaves(config.spool_dir) if leaf is None else [leaf]
+        for name in leaves:
+            result = spool.process(config.spool_dir, name, lambda job_id: expected_job(factory, job_id), limits,
+                                   config.results_dir, dry_run=dry_run, move=False)
+            outcome = None
+            if not dry_run:
+                if result.job_id is not None:
+                    (outcome,) = apply([upload_event(result)])
+                result = spool.file_away(config.spool_dir, result)
+            done.append((result, outcome))
+    return done
 
 
 @dataclass(frozen=True)

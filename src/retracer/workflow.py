@@ -118,7 +118,7 @@ class Workflow:
                 raise TransitionRefused(job.id, source, trigger, str(exc), self.allowed_from(source)) from None
         if not done:
             failed = [g for g in candidates[-1].guards if not GUARDS[g](job, ctx)]
-            why = "; ".join(f"guard {g} not met: {(GUARDS[g].__doc__ or '').strip()}" for g in failed)
+            why = "; ".join(f"guard {g} not met: {(GUARDS[g].__doc__ or '').strip().rstrip('.')}" for g in failed)
             raise TransitionRefused(job.id, source, trigger, why, self.allowed_from(source))
         taken = next(t for t in candidates if t.dest_from(source) == job.state)
         return Change(trigger, None if source == NEW else source, job.state, taken.record, dict(ctx.notes))

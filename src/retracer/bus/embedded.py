@@ -17,7 +17,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from ..events import WORK_REQUEST
-from ..models import Inbox, Outbox, utcnow
+from ..models import Inbox, Job, Outbox, utcnow
 
 
 def append(session: Session, bodies: Iterable[str]) -> int:
@@ -52,10 +52,26 @@ def pending_count(session: Session) -> int:
 
 
 def take_work(session: Session, limit: int, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Work requests for a worker in the embedded mode: the unsent outbox rows, marked sent as they are taken."""
+    """Work requests for a worker in the embedded mode: unsent outbox rows, marked sent as they are taken.
+
+    A request goes stale when its job left PENDING before a worker took it (held, say) or was offered
+    again; stale requests are marked sent and not handed out, so no two workers get the same job.
+    """
     rows = list(session.scalars(
         select(Outbox).where(Outbox.routing_key == WORK_REQUEST, Outbox.sent_at.is_(None))
-        .order_by(Outbox.id).limit(limit).with_for_update(skip_locked=True)))
-    if rows:
-        session.execute(update(Outbox).where(Outbox.id.in_([r.id for r in rows])).values(sent_at=now or utcnow()))
-    return [json.loads(r.body) for r in rows]
+        .order_by(Outbox.id).limit(max(limit * 10, 100)).with_for_update(skip_locked=True)))
+    if not rows:
+        return []
+    bodies = [json.loads(r.body) for r in rows]
+    newest = {b["job"]: r.id for r, b in zip(rows, bodies, strict=True)}
+    states = {i: s for i, s in session.execute(select(Job.id, Job.state).where(Job.id.in_(newest)))}
+    handed: list[dict[str, Any]] = []
+    done_ids: list[int] = []
+    for row, body in zip(rows, bodies, strict=True):
+        if len(handed) == limit:
+            break
+        done_ids.append(row.id)
+        if newest[body["job"]] == row.id and states.get(body["job"]) == "PENDING":
+            handed.append(body)
+    session.execute(update(Outbox).where(Outbox.id.in_(done_ids)).values(sent_at=now or utcnow()))
+    return handed

@@ -42,10 +42,11 @@ def run_admin_trigger(app: AppContext, job_id: int, trigger: str, actor: str | N
     return change, snapshot
 
 
-def report(job_id: int, change: Change, by: str, dry_run: bool, as_json: bool, extra: dict[str, Any]) -> None:
+def report(job_id: int, change: Change, by: str, dry_run: bool, as_json: bool, extra: dict[str, Any],
+           reason: str | None = None) -> None:
     if as_json:
         emit_json({"job": job_id, "trigger": change.trigger, "from": change.source, "to": change.dest, "by": by,
-                   "dry_run": dry_run, **extra})
+                   "reason": reason, "dry_run": dry_run, **extra})
         return
     verb = "would go" if dry_run else "is now"
     moved = f"{change.source} -> {change.dest}" if change.moved else f"stays {change.dest}"
@@ -56,8 +57,7 @@ def report(job_id: int, change: Change, by: str, dry_run: bool, as_json: bool, e
 def _admin_command(trigger: str, help_text: str, needs_reason: bool = False) -> None:
     @cli.command(trigger, help=help_text)
     @click.argument("job_id", type=int, metavar="JOB")
-    @click.option("--reason", default=None,
-                  help="Why (kept in the job's history)." + (" Required." if needs_reason else ""))
+    @click.option("--reason", required=needs_reason, help="Why (kept in the job's history).")
     @actor_option
     @dry_run_option
     @json_option
@@ -65,7 +65,7 @@ def _admin_command(trigger: str, help_text: str, needs_reason: bool = False) -> 
     def command(app: AppContext, job_id: int, reason: str | None, actor: str | None, dry_run: bool,
                 as_json: bool) -> None:
         change, snap = run_admin_trigger(app, job_id, trigger, actor, reason, dry_run)
-        report(job_id, change, actor_name(actor), dry_run, as_json, snap)
+        report(job_id, change, actor_name(actor), dry_run, as_json, snap, reason)
 
 
 _admin_command("retry", "Send a FAILEDTOUPLOAD or ON_HOLD job back to the queue, attempts reset, crash kept.")
@@ -85,9 +85,9 @@ _admin_command("release", "Let an ON_HOLD job go back to the queue.")
 def priority(app: AppContext, job_id: int, priority: int, reason: str | None, actor: str | None, dry_run: bool,
              as_json: bool) -> None:
     """Set a job's priority; it becomes sticky (dispatched before automatic priorities, never overridden)."""
-    change, snap = run_admin_trigger(app, job_id, "reprioritize", actor, reason or f"priority set to {priority}",
-                                     dry_run, data={"priority": priority})
-    report(job_id, change, actor_name(actor), dry_run, as_json, snap)
+    why = f"priority set to {priority}" + (f": {reason}" if reason else "")
+    change, snap = run_admin_trigger(app, job_id, "reprioritize", actor, why, dry_run, data={"priority": priority})
+    report(job_id, change, actor_name(actor), dry_run, as_json, snap, why)
 
 
 @cli.command()
@@ -127,3 +127,37 @@ def rescue(app: AppContext, job_id: int, reason: str | None, actor: str | None, 
             click.echo("dry run: nothing was moved, stored or changed")
     if not done.succeeded:
         raise SystemExit(1)
+
+
+@cli.command("process-upload")
+@click.option("--leaf", default=None, help="Process this upload only (a directory name in spool/incoming/).")
+@dry_run_option
+@json_option
+@pass_app
+def process_upload(app: AppContext, leaf: str | None, dry_run: bool, as_json: bool) -> None:
+    """Process the spool's incoming uploads now (what `serve` does on each round).
+
+    Each upload is checked, its backtrace stored, its upload.accepted / upload.failed event applied, and it
+    is moved to accepted/ or failed/. --dry-run runs every check and reports; nothing is stored or moved.
+    """
+    from ..service import Service
+    from ..uploads import process_incoming
+
+    service = Service(app.config, app.factory)
+    done = process_incoming(app.config, app.factory, service.apply, leaf=leaf, dry_run=dry_run)
+    if as_json:
+        emit_json([{"leaf": r.leaf, "job": r.job_id, "accepted": r.accepted, "upload_log": r.upload_log,
+                    "moved_to": str(r.moved_to) if r.moved_to else None, "dry_run": dry_run,
+                    "event": o.to_dict() if o else None} for r, o in done])
+        return
+    if not done:
+        click.echo("no uploads waiting in " + str(app.config.spool_dir / "incoming"))
+    for result, outcome in done:
+        click.echo(result.summary())
+        if not result.accepted:
+            for line in result.upload_log.splitlines():
+                click.echo(f"  {line}")
+        if outcome is not None:
+            click.echo(f"  event {outcome.event_type}: {outcome.status}"
+                       + (f" (job {outcome.job_id} {outcome.source} -> {outcome.dest})" if outcome.dest else "")
+                       + (f": {outcome.reason}" if outcome.reason else ""))

@@ -110,10 +110,12 @@ def show(app: AppContext, job_id: int, as_json: bool) -> None:
     for label, key in [("Creator", "creator"), ("Core", "core"), ("Executable", "executable"),
                        ("Priority", "priority"), ("Attempts", "attempts"), ("Worker", "worker"),
                        ("Not before", "not_before"), ("Upload", "upload_leaf"), ("Hold reason", "hold_reason"),
-                       ("Last error", "last_error")]:
+                       ("Last error", "last_error"), ("Pattern", "failure_pattern")]:
         value = data[key]
         if key == "priority" and data["manual_priority"]:
             value = f"{value} (set by an admin, sticky)"
+        if key == "not_before" and data["state"] != "PENDING":
+            continue  # a retry time means nothing once the job has left the queue
         if value not in (None, "", []):
             click.echo(f"  {label + ':':<11} {when(value) if key == 'not_before' else value}")
     if data["build_ids"]:

@@ -97,3 +97,20 @@ def spurious_remove(app: AppContext, pattern_id: int, reason: str | None, actor:
         emit_json({"id": pattern_id, "pattern": pattern, "removed": not dry_run, "by": who})
     else:
         click.echo(("dry run: would remove" if dry_run else "removed") + f" #{pattern_id} {pattern!r}")
+
+
+@cli.command()
+@click.option("--limit", type=int, default=50, show_default=True)
+@json_option
+@pass_app
+def audit(app: AppContext, limit: int, as_json: bool) -> None:
+    """Admin actions that are not job transitions (spurious patterns, replays), newest first."""
+    with app.transaction() as session:
+        rows = list(session.scalars(select(Audit).order_by(Audit.id.desc()).limit(limit)))
+    if as_json:
+        emit_json([{"id": r.id, "at": r.at, "by": r.actor, "action": r.action, "detail": json.loads(r.detail)}
+                   for r in rows])
+    elif not rows:
+        click.echo("no admin actions recorded")
+    else:
+        click.echo(table(["AT", "BY", "ACTION", "DETAIL"], [[when(r.at), r.actor, r.action, r.detail] for r in rows]))
