@@ -22,8 +22,8 @@ from .config import Config
 from .effects import EFFECTS
 from .errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
 from .guards import TriggerContext
-from .models import History, Job, ProcessedEvent, Rejected, SpuriousPattern, utcnow
-from .notify import queue_mails
+from .models import History, Job, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
+from .notify import mail_rows
 from .policy import FailurePolicy
 from .workflow import Change, Workflow, load
 
@@ -57,6 +57,7 @@ class _Batch:
     created: list[tuple[int, Job]] = field(default_factory=list)
     created_or_applied: list[int] = field(default_factory=list)
     markers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    history: list[tuple[dict[str, Any], Job, list[dict[str, Any]]]] = field(default_factory=list)
 
 
 class Applier:
@@ -103,17 +104,15 @@ class Applier:
                 else:
                     seen.add(item.id)
                     outcomes.append(self._apply(session, item, body, batch, len(outcomes)))
-        if batch.created:
-            session.flush()  # one INSERT ... RETURNING gives the batch's new jobs their ids
-            for index, job in batch.created:
-                outcomes[index] = replace(outcomes[index], job_id=job.id)
-                batch.markers[index]["job_id"] = job.id
+        session.flush()  # one INSERT ... RETURNING gives the batch's new jobs their ids
+        for index, job in batch.created:
+            outcomes[index] = replace(outcomes[index], job_id=job.id)
+            batch.markers[index]["job_id"] = job.id
+        self._finish(session, batch)
         for index in batch.created_or_applied:
             o = outcomes[index]
             log.info("applied", extra={"event_id": o.event_id, "event_type": o.event_type, "job": o.job_id,
                                        "trigger": o.trigger, "from": o.source, "to": o.dest})
-        if batch.markers:
-            session.execute(insert(ProcessedEvent), list(batch.markers.values()))
         return outcomes
 
     def _apply(self, session: Session, event: ev.Event, body: Any, batch: _Batch, index: int) -> Outcome:
@@ -130,7 +129,7 @@ class Applier:
         except RetracerError as exc:
             return self.reject(session, body, event, str(exc))
         new = job.id is None
-        self._record(session, job, change, ctx, batch.now)
+        self._record(session, job, change, ctx, batch)
         if new:
             batch.created.append((index, job))
         else:
@@ -171,12 +170,14 @@ class Applier:
         ctx = TriggerContext(data=dict(data or {}), by=by, reason=reason, event_id=event_id,
                              policy=policy or self.policy(session))
         change = self.workflow.fire(job, trigger, ctx)
+        batch = _Batch(jobs={job.id: job}, now=utcnow(), policy=ctx.policy)
         try:
-            self._record(session, job, change, ctx, utcnow())
+            self._record(session, job, change, ctx, batch)
         except KeyError as exc:
             raise RetracerError(f"trigger {trigger!r} needs data field {exc.args[0]!r}") from None
         if event_id is not None:
-            session.add(ProcessedEvent(event_id=event_id, job_id=job.id, outcome="applied"))
+            batch.markers[0] = {"event_id": event_id, "job_id": job.id, "outcome": "applied", "at": batch.now}
+        self._finish(session, batch)
         return change
 
     # -- shared --------------------------------------------------------------------------------------
@@ -192,19 +193,34 @@ class Applier:
             raise JobNotFound(job_id)
         return job
 
-    def _record(self, session: Session, job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
-        EFFECTS[change.trigger](job, change, ctx, now)
+    def _record(self, session: Session, job: Job, change: Change, ctx: TriggerContext, batch: _Batch) -> None:
+        """The transition's consequences: effects on the job now; history and mail rows at the batch's end."""
+        EFFECTS[change.trigger](job, change, ctx, batch.now)
         if job.id is None:
             session.add(job)
-            if self.workflow.states[change.dest].notify:
-                session.flush()  # its mails name the job: it needs its id now
         if not change.record:
             return
-        history = History(job=job, from_state=change.source, to_state=change.dest, trigger=change.trigger,
-                          event_id=ctx.event_id, actor=ctx.by, reason=_reason(job, change, ctx), at=now)
-        session.add(history)
-        if change.moved:
-            queue_mails(session, self.workflow, job, history, change, self.admins)
+        reason = _reason(job, change, ctx)
+        history = {"from_state": change.source, "to_state": change.dest, "trigger": change.trigger,
+                   "event_id": ctx.event_id, "actor": ctx.by, "reason": reason, "at": batch.now}
+        mails = mail_rows(self.workflow, job, change, batch.now, ctx.by, reason, self.admins) if change.moved else []
+        batch.history.append((history, job, mails))
+
+    def _finish(self, session: Session, batch: _Batch) -> None:
+        """Write what the batch's transitions recorded: a few multi-row statements, whatever the batch size."""
+        session.flush()  # job updates, and ids for the batch's new jobs
+        if batch.history:
+            rows = [{**values, "job_id": job.id} for values, job, _ in batch.history]
+            ids = session.scalars(insert(History).returning(History.id, sort_by_parameter_order=True), rows).all()
+            mails = []
+            for (_, job, wanted), history_id in zip(batch.history, ids, strict=True):
+                for mail in wanted:
+                    mail["context"]["job"] = job.id
+                    mails.append({**mail, "job_id": job.id, "history_id": history_id})
+            if mails:
+                session.execute(insert(Mail), mails)
+        if batch.markers:
+            session.execute(insert(ProcessedEvent), list(batch.markers.values()))
 
 
 def _reason(job: Job, change: Change, ctx: TriggerContext) -> str | None:

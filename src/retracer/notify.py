@@ -7,11 +7,10 @@ Delivery happens after commit (retracer.mail.sender), never inside the transitio
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from .models import History, Job, Mail
+from .models import Job
 from .workflow import Change, Workflow
 
 
@@ -26,32 +25,31 @@ def recipients(workflow: Workflow, job: Job, state: str, admins: list[str]) -> l
     return list(chosen.values())
 
 
-def snapshot(workflow: Workflow, job: Job, history: History, change: Change) -> dict[str, Any]:
+def snapshot(workflow: Workflow, job: Job, change: Change, at: datetime, actor: str,
+             reason: str | None) -> dict[str, Any]:
     """What the mail shows, as of the transition (the job may change before the mail is sent)."""
     spec = workflow.states[change.dest]
     duration = None
     if job.started_at is not None:
-        duration = int(((job.finished_at or history.at) - job.started_at).total_seconds())
+        duration = int(((job.finished_at or at) - job.started_at).total_seconds())
     return {
         "job": job.id, "crash_id": job.crash_id, "creator": job.creator, "package": job.package,
         "version": job.version, "architecture": job.architecture, "release": job.release,
         "state": change.dest, "state_title": spec.title, "from_state": change.source,
-        "trigger": change.trigger, "actor": history.actor, "reason": history.reason,
+        "trigger": change.trigger, "actor": actor, "reason": reason,
         "duration_s": duration, "worker": job.worker, "attempts": job.attempts,
         "upload_leaf": job.upload_leaf, "upload_log": job.upload_log, "hold_reason": job.hold_reason,
         "failure_pattern": job.failure_pattern, "last_error": job.last_error,
-        "at": history.at.isoformat(),
+        "at": at.isoformat(),
     }
 
 
-def queue_mails(session: Session, workflow: Workflow, job: Job, history: History, change: Change,
-                admins: list[str]) -> list[Mail]:
-    """Write one pending mail per recipient of the state just entered."""
+def mail_rows(workflow: Workflow, job: Job, change: Change, at: datetime, actor: str, reason: str | None,
+              admins: list[str]) -> list[dict[str, Any]]:
+    """One pending mail row per recipient of the state just entered (job and history ids filled by the caller)."""
     people = recipients(workflow, job, change.dest, admins)
     if not people:
         return []
-    context = snapshot(workflow, job, history, change)
-    mails = [Mail(job_id=job.id, history=history, state=change.dest, recipient=address, rationale=rationale,
-                  context=context, status="pending") for address, rationale in people]
-    session.add_all(mails)
-    return mails
+    context = snapshot(workflow, job, change, at, actor, reason)
+    return [{"state": change.dest, "recipient": address, "rationale": rationale, "context": context,
+             "status": "pending", "attempts": 0, "created_at": at} for address, rationale in people]
