@@ -12,10 +12,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from . import events as ev
 from .config import Config
@@ -92,7 +93,9 @@ class Applier:
                                    .where(ProcessedEvent.event_id.in_([e.id for e in valid])))) if valid else set()
         policy = self.policy(session) if any(e.type == "retrace.failed" for e in valid) else None
         wanted = {e.job for e in valid if e.job is not None}
-        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(wanted)))} if wanted else {}
+        # Locked in id order: the batch owns its jobs until commit, and two writers cannot deadlock on them.
+        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(wanted)).order_by(Job.id)
+                                                 .with_for_update())} if wanted else {}
         batch = _Batch(jobs=jobs, now=utcnow(), policy=policy)
         outcomes: list[Outcome] = []
         with session.no_autoflush:
@@ -104,11 +107,7 @@ class Applier:
                 else:
                     seen.add(item.id)
                     outcomes.append(self._apply(session, item, body, batch, len(outcomes)))
-        session.flush()  # one INSERT ... RETURNING gives the batch's new jobs their ids
-        for index, job in batch.created:
-            outcomes[index] = replace(outcomes[index], job_id=job.id)
-            batch.markers[index]["job_id"] = job.id
-        self._finish(session, batch)
+        self._finish(session, batch, outcomes)
         for index in batch.created_or_applied:
             o = outcomes[index]
             log.info("applied", extra={"event_id": o.event_id, "event_type": o.event_type, "job": o.job_id,
@@ -206,21 +205,64 @@ class Applier:
         mails = mail_rows(self.workflow, job, change, batch.now, ctx.by, reason, self.admins) if change.moved else []
         batch.history.append((history, job, mails))
 
-    def _finish(self, session: Session, batch: _Batch) -> None:
-        """Write what the batch's transitions recorded: a few multi-row statements, whatever the batch size."""
-        session.flush()  # job updates, and ids for the batch's new jobs
+    def _finish(self, session: Session, batch: _Batch, outcomes: list[Outcome] | None = None) -> None:
+        """Write what the batch's transitions recorded: a few multi-row statements, whatever the batch size.
+
+        The ORM would write each changed job with its own UPDATE and each history row with its own
+        INSERT ... RETURNING (SQLite cannot return rows of a multi-row INSERT in order); here changed jobs
+        go in one executemany UPDATE and history ids are reserved up front, so nothing needs RETURNING.
+        """
+        touched = [j for j in batch.jobs.values() if j.id is not None and session.is_modified(j)]
+        if touched:
+            # Through the connection: Session.execute would autoflush, writing each job the ORM way first.
+            session.connection().execute(_UPDATE_JOB, [{"job_key": j.id, **{c: getattr(j, c) for c in _JOB_COLUMNS}}
+                                                       for j in touched])
+            for job in touched:  # written: the ORM must not write them again
+                for column in _JOB_COLUMNS:
+                    set_committed_value(job, column, getattr(job, column))
+                set_committed_value(job, "version_id", job.version_id + 1)
+        session.flush()  # the batch's new jobs get their ids (one INSERT ... RETURNING)
+        for index, job in batch.created:
+            batch.markers[index]["job_id"] = job.id
+            if outcomes is not None:
+                outcomes[index] = replace(outcomes[index], job_id=job.id)
         if batch.history:
-            rows = [{**values, "job_id": job.id} for values, job, _ in batch.history]
-            ids = session.scalars(insert(History).returning(History.id, sort_by_parameter_order=True), rows).all()
-            mails = []
-            for (_, job, wanted), history_id in zip(batch.history, ids, strict=True):
+            ids = _reserve_ids(session, len(batch.history))
+            rows, mails = [], []
+            for (values, job, wanted), history_id in zip(batch.history, ids, strict=True):
+                rows.append({**values, "id": history_id, "job_id": job.id})
                 for mail in wanted:
                     mail["context"]["job"] = job.id
                     mails.append({**mail, "job_id": job.id, "history_id": history_id})
+            session.connection().execute(insert(_HISTORY_TABLE), rows)
             if mails:
-                session.execute(insert(Mail), mails)
+                session.connection().execute(insert(_MAIL_TABLE), mails)
         if batch.markers:
-            session.execute(insert(ProcessedEvent), list(batch.markers.values()))
+            session.connection().execute(insert(_MARKER_TABLE), list(batch.markers.values()))
+
+
+_JOB_TABLE = cast(Table, Job.__table__)
+_HISTORY_TABLE = cast(Table, History.__table__)
+_MAIL_TABLE = cast(Table, Mail.__table__)
+_MARKER_TABLE = cast(Table, ProcessedEvent.__table__)
+_JOB_COLUMNS = tuple(c.name for c in _JOB_TABLE.columns if c.name not in ("id", "version_id"))
+_UPDATE_JOB = (
+    update(_JOB_TABLE)
+    .where(_JOB_TABLE.c.id == bindparam("job_key"))
+    .values({**{c: bindparam(c, type_=_JOB_TABLE.c[c].type) for c in _JOB_COLUMNS},
+             "version_id": _JOB_TABLE.c.version_id + 1})
+)
+
+
+def _reserve_ids(session: Session, count: int) -> list[int]:
+    """``count`` unused history ids. PostgreSQL draws them from the sequence in one round trip; on SQLite the
+    transaction holds the database's write lock (BEGIN IMMEDIATE), so the ids after the largest are free."""
+    if session.get_bind().dialect.name == "postgresql":
+        drawn = session.scalars(text("SELECT nextval(pg_get_serial_sequence('history', 'id')) "
+                                     "FROM generate_series(1, :n)"), {"n": count})
+        return sorted(drawn)
+    top = session.scalar(select(func.max(History.id))) or 0
+    return list(range(top + 1, top + 1 + count))
 
 
 def _reason(job: Job, change: Change, ctx: TriggerContext) -> str | None:
