@@ -129,20 +129,17 @@ class BatchConsumer(ConsumerMixin):
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
         self.topology.declare(self.connection)
-        return [consumer_cls(queues=[self.topology.events], callbacks=[self.on_message],
-                             accept=["json", "application/json"], prefetch_count=self.config["broker"]["prefetch"],
-                             no_ack=False, auto_declare=True, on_decode_error=self.on_decode_error)]
+        # on_message, not callbacks: kombu would decode every body only for the service to parse it again,
+        # and a body it cannot decode must still reach the service to be kept as rejected.
+        return [consumer_cls(queues=[self.topology.events], on_message=self.on_message,
+                             prefetch_count=self.config["broker"]["prefetch"], no_ack=False, auto_declare=True)]
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kwargs: Any) -> None:
         # Deliveries held from a lost channel cannot be acked any more; the broker redelivers them.
         self.buffer = []
         log.info("consuming", extra={"queue": self.topology.events.name, "broker": connection.as_uri()})
 
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        # kombu could not decode the payload; it still goes to the service so it is kept as rejected.
-        self.on_message(None, message)
-
-    def on_message(self, body: Any, message: Any) -> None:
+    def on_message(self, message: Any) -> None:
         if not self.buffer:
             self.first_at = time.monotonic()
         self.buffer.append(message)
