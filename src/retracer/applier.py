@@ -23,6 +23,7 @@ from .config import Config
 from .effects import EFFECTS
 from .errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
 from .guards import TriggerContext
+from .logs import LINES
 from .models import History, Job, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
 from .notify import mail_rows
 from .policy import FailurePolicy
@@ -108,10 +109,10 @@ class Applier:
                     seen.add(item.id)
                     outcomes.append(self._apply(session, item, body, batch, len(outcomes)))
         self._finish(session, batch, outcomes)
-        for index in batch.created_or_applied:
-            o = outcomes[index]
-            log.info("applied", extra={"event_id": o.event_id, "event_type": o.event_type, "job": o.job_id,
-                                       "trigger": o.trigger, "from": o.source, "to": o.dest})
+        if batch.created_or_applied and log.isEnabledFor(logging.INFO):
+            log.info("applied", extra={LINES: [
+                {"event_id": o.event_id, "event_type": o.event_type, "job": o.job_id, "trigger": o.trigger,
+                 "from": o.source, "to": o.dest} for o in (outcomes[i] for i in batch.created_or_applied)]})
         return outcomes
 
     def _apply(self, session: Session, event: ev.Event, body: Any, batch: _Batch, index: int) -> Outcome:

@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+#: ``extra={LINES: [{...}, ...]}`` logs one line per dict in a single call: a batch of events costs one
+#: record and one write instead of one each (a third of the apply path's time went to per-event records).
+LINES = "lines"
+
+
 class JsonFormatter(logging.Formatter):
-    """Formats a record and its ``extra`` fields as one JSON line."""
+    """Formats a record and its ``extra`` fields as one JSON line (one line per entry of ``LINES``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.converter = time.gmtime  # the "Z" in every timestamp means UTC
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -20,6 +30,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        many = getattr(record, LINES, None)
+        if many is not None:
+            return "\n".join(json.dumps({**line, **entry}, default=str) for entry in many)
         line.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
@@ -32,7 +45,6 @@ def setup(level: str = "INFO") -> None:
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    logging.Formatter.converter = __import__("time").gmtime
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
