@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from . import events as ev
 from .config import Config
@@ -56,7 +55,9 @@ class _Batch:
     jobs: dict[int, Job]
     now: datetime
     policy: FailurePolicy | None
-    created: list[tuple[int, Job]] = field(default_factory=list)
+    created: set[int] = field(default_factory=set)
+    touched: set[int] = field(default_factory=set)
+    new_ids: list[int] = field(default_factory=list)
     created_or_applied: list[int] = field(default_factory=list)
     markers: dict[int, dict[str, Any]] = field(default_factory=dict)
     history: list[tuple[dict[str, Any], Job, list[dict[str, Any]]]] = field(default_factory=list)
@@ -98,6 +99,8 @@ class Applier:
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(wanted)).order_by(Job.id)
                                                  .with_for_update())} if wanted else {}
         batch = _Batch(jobs=jobs, now=utcnow(), policy=policy)
+        submits = sum(1 for e in valid if e.type == "crash.submitted" and e.id not in seen)
+        batch.new_ids = _reserve_ids(session, "job", submits) if submits else []
         outcomes: list[Outcome] = []
         with session.no_autoflush:
             for body, item in zip(bodies, parsed, strict=True):
@@ -108,7 +111,7 @@ class Applier:
                 else:
                     seen.add(item.id)
                     outcomes.append(self._apply(session, item, body, batch, len(outcomes)))
-        self._finish(session, batch, outcomes)
+        self._finish(session, batch)
         if batch.created_or_applied and log.isEnabledFor(logging.INFO):
             log.info("applied", extra={LINES: [
                 {"event_id": o.event_id, "event_type": o.event_type, "job": o.job_id, "trigger": o.trigger,
@@ -118,22 +121,26 @@ class Applier:
     def _apply(self, session: Session, event: ev.Event, body: Any, batch: _Batch, index: int) -> Outcome:
         ctx = TriggerContext(data=dict(event.data), by=f"event:{event.source}", event_id=event.id,
                              policy=batch.policy)
+        new = event.type == "crash.submitted"
         try:
-            if event.type == "crash.submitted":
+            if new:
                 job = Job()
                 change = self.workflow.create(job, ctx)
             else:
-                job = batch.jobs.get(event.job or 0) or self._job(session, event.job, flush=bool(batch.created))
+                job = batch.jobs.get(event.job or 0) or self._job(session, event.job)
                 trigger = self._trigger_for(event.type, job)
                 change = self.workflow.fire(job, trigger, ctx)
         except RetracerError as exc:
             return self.reject(session, body, event, str(exc))
-        new = job.id is None
-        self._record(session, job, change, ctx, batch)
         if new:
-            batch.created.append((index, job))
+            # Its id is reserved now, so later events of this batch find it without a flush.
+            job.id = batch.new_ids.pop(0) if batch.new_ids else _reserve_ids(session, "job", 1)[0]
+            session.add(job)
+            batch.created.add(job.id)
         else:
-            batch.jobs[job.id] = job
+            batch.touched.add(job.id)
+        batch.jobs[job.id] = job
+        self._record(session, job, change, ctx, batch)
         batch.created_or_applied.append(index)
         batch.markers[index] = {"event_id": event.id, "job_id": job.id, "outcome": "applied", "at": batch.now}
         return Outcome("applied", event.id, event.type, job.id, change.trigger, change.source, change.dest)
@@ -170,7 +177,7 @@ class Applier:
         ctx = TriggerContext(data=dict(data or {}), by=by, reason=reason, event_id=event_id,
                              policy=policy or self.policy(session))
         change = self.workflow.fire(job, trigger, ctx)
-        batch = _Batch(jobs={job.id: job}, now=utcnow(), policy=ctx.policy)
+        batch = _Batch(jobs={job.id: job}, now=utcnow(), policy=ctx.policy, touched={job.id})
         try:
             self._record(session, job, change, ctx, batch)
         except KeyError as exc:
@@ -182,9 +189,7 @@ class Applier:
 
     # -- shared --------------------------------------------------------------------------------------
 
-    def _job(self, session: Session, job_id: int | None, lock: bool = False, flush: bool = False) -> Job:
-        if flush:
-            session.flush()  # a job created earlier in this batch may be the one asked for
+    def _job(self, session: Session, job_id: int | None, lock: bool = False) -> Job:
         stmt = select(Job).where(Job.id == job_id)
         if lock:
             stmt = stmt.with_for_update()
@@ -196,8 +201,6 @@ class Applier:
     def _record(self, session: Session, job: Job, change: Change, ctx: TriggerContext, batch: _Batch) -> None:
         """The transition's consequences: effects on the job now; history and mail rows at the batch's end."""
         EFFECTS[change.trigger](job, change, ctx, batch.now)
-        if job.id is None:
-            session.add(job)
         if not change.record:
             return
         reason = _reason(job, change, ctx)
@@ -206,29 +209,23 @@ class Applier:
         mails = mail_rows(self.workflow, job, change, batch.now, ctx.by, reason, self.admins) if change.moved else []
         batch.history.append((history, job, mails))
 
-    def _finish(self, session: Session, batch: _Batch, outcomes: list[Outcome] | None = None) -> None:
+    def _finish(self, session: Session, batch: _Batch) -> None:
         """Write what the batch's transitions recorded: a few multi-row statements, whatever the batch size.
 
         The ORM would write each changed job with its own UPDATE and each history row with its own
         INSERT ... RETURNING (SQLite cannot return rows of a multi-row INSERT in order); here changed jobs
         go in one executemany UPDATE and history ids are reserved up front, so nothing needs RETURNING.
         """
-        touched = [j for j in batch.jobs.values() if j.id is not None and session.is_modified(j)]
+        touched = [batch.jobs[i] for i in sorted(batch.touched - batch.created)]
         if touched:
             # Through the connection: Session.execute would autoflush, writing each job the ORM way first.
             session.connection().execute(_UPDATE_JOB, [{"job_key": j.id, **{c: getattr(j, c) for c in _JOB_COLUMNS}}
                                                        for j in touched])
-            for job in touched:  # written: the ORM must not write them again
-                for column in _JOB_COLUMNS:
-                    set_committed_value(job, column, getattr(job, column))
-                set_committed_value(job, "version_id", job.version_id + 1)
-        session.flush()  # the batch's new jobs get their ids (one INSERT ... RETURNING)
-        for index, job in batch.created:
-            batch.markers[index]["job_id"] = job.id
-            if outcomes is not None:
-                outcomes[index] = replace(outcomes[index], job_id=job.id)
+            for job in touched:  # written: the ORM must not write them again; a later read reloads them
+                session.expunge(job)
+        session.flush()  # the batch's new jobs, ids already set: one multi-row INSERT
         if batch.history:
-            ids = _reserve_ids(session, len(batch.history))
+            ids = _reserve_ids(session, "history", len(batch.history))
             rows, mails = [], []
             for (values, job, wanted), history_id in zip(batch.history, ids, strict=True):
                 rows.append({**values, "id": history_id, "job_id": job.id})
@@ -255,14 +252,18 @@ _UPDATE_JOB = (
 )
 
 
-def _reserve_ids(session: Session, count: int) -> list[int]:
-    """``count`` unused history ids. PostgreSQL draws them from the sequence in one round trip; on SQLite the
-    transaction holds the database's write lock (BEGIN IMMEDIATE), so the ids after the largest are free."""
+def _reserve_ids(session: Session, table: str, count: int) -> list[int]:
+    """``count`` unused ids of ``table`` (job or history). PostgreSQL draws them from the sequence in one round
+    trip; on SQLite the transaction holds the database's write lock (BEGIN IMMEDIATE), so the ids after the
+    largest, including those already reserved in this transaction, are free."""
     if session.get_bind().dialect.name == "postgresql":
-        drawn = session.scalars(text("SELECT nextval(pg_get_serial_sequence('history', 'id')) "
+        drawn = session.scalars(text(f"SELECT nextval(pg_get_serial_sequence('{table}', 'id')) "
                                      "FROM generate_series(1, :n)"), {"n": count})
         return sorted(drawn)
-    top = session.scalar(select(func.max(History.id))) or 0
+    key = f"retracer.reserved.{table}"
+    column = _JOB_TABLE.c.id if table == "job" else _HISTORY_TABLE.c.id
+    top = max(session.connection().scalar(select(func.max(column))) or 0, session.info.get(key, 0))
+    session.info[key] = top + count
     return list(range(top + 1, top + 1 + count))
 
 

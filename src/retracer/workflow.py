@@ -83,6 +83,8 @@ class Workflow:
     states: dict[str, StateSpec]
     transitions: tuple[TransitionSpec, ...]
     machine: Machine
+    #: (trigger, state) -> the transitions it may take, in file order (looked up on every event).
+    index: dict[tuple[str, str], list[TransitionSpec]] = field(default_factory=dict)
 
     def allowed_from(self, state: str) -> list[str]:
         seen: list[str] = []
@@ -99,7 +101,7 @@ class Workflow:
         return seen
 
     def candidates(self, trigger: str, state: str) -> list[TransitionSpec]:
-        return [t for t in self.transitions if t.trigger == trigger and state in t.sources]
+        return self.index.get((trigger, state), [])
 
     def fire(self, job: Job, trigger: str, ctx: TriggerContext) -> Change:
         """Run ``trigger`` on ``job``; raise TransitionRefused and leave the job unchanged if refused."""
@@ -194,7 +196,11 @@ def parse(text: str, origin: str = "workflow.toml") -> Workflow:
     for t in transitions:
         machine.add_transition(t.trigger, list(t.sources), t.dest,
                                conditions=[_condition(g) for g in t.guards])
-    return Workflow(initial, states, tuple(transitions), machine)
+    index: dict[tuple[str, str], list[TransitionSpec]] = {}
+    for t in transitions:
+        for s in t.sources:
+            index.setdefault((t.trigger, s), []).append(t)
+    return Workflow(initial, states, tuple(transitions), machine, index)
 
 
 @cache
