@@ -30,41 +30,36 @@ The last line printed is one JSON object with every figure.
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import io
+import json
+import logging
+import os
+import pstats
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-# bench/transitions.py shares its name with the `transitions` library that retracer imports; keep bench/
-# off the import path so the library is found.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from sqlalchemy import create_engine, event, insert, text
+from sqlalchemy.engine import Engine, make_url
 
-import argparse  # noqa: E402
-import cProfile  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import pstats  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections import Counter  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from typing import Any  # noqa: E402
-
-from sqlalchemy import create_engine, event, insert, text  # noqa: E402
-from sqlalchemy.engine import Engine, make_url  # noqa: E402
-
-from retracer import config as cfg  # noqa: E402
-from retracer import db, logs  # noqa: E402
-from retracer import events as ev  # noqa: E402
-from retracer.models import Inbox  # noqa: E402
-from retracer.service import Service  # noqa: E402
-from retracer.testing import crash_data  # noqa: E402
+from retracer import config as cfg
+from retracer import db, logs
+from retracer import events as ev
+from retracer.models import Inbox
+from retracer.service import Service
+from retracer.testing import crash_data
 
 AMQP_URL = os.environ.get("RETRACER_BENCH_AMQP", "pyamqp://guest:guest@127.0.0.1:5672//")
 PG_ADMIN_URL = os.environ.get("RETRACER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

@@ -10,32 +10,27 @@ modes; with --rounds > 1 the best round of each mode counts.
 
 from __future__ import annotations
 
+import argparse
+import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-# bench/transitions.py shares its name with the `transitions` library that retracer imports; keep bench/
-# off the import path so the library is found.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-
-from sqlalchemy import func, select, update  # noqa: E402
-from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
-
-from retracer import config as cfg  # noqa: E402
-from retracer import db  # noqa: E402
-from retracer.applier import Applier  # noqa: E402
-from retracer.mail.sender import Sender  # noqa: E402
-from retracer.mail.transports import SmtpTransport  # noqa: E402
-from retracer.models import Mail  # noqa: E402
-from retracer.testing import event, submit  # noqa: E402
+from retracer import config as cfg
+from retracer import db
+from retracer.applier import Applier
+from retracer.mail.sender import Sender
+from retracer.mail.transports import SmtpTransport
+from retracer.models import Mail
+from retracer.testing import event, submit
 
 ADMINS = "celso@example.com,foo.bar@example.com"
 

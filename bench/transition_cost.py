@@ -14,43 +14,39 @@ wall time of all those transactions divided by the number of transitions. The ba
 Each configuration is run --repeat times (new jobs each time, after an uncounted warm-up) and the median is
 reported; the machine is shared and noisy.
 
-Run: /work/venv/bin/python bench/transitions.py [--jobs 500] [--repeat 3] [--sizes 1000,100000] [--no-postgres]
+Run: /work/venv/bin/python bench/transition_cost.py [--jobs 500] [--repeat 3] [--sizes 1000,100000] [--no-postgres]
 PostgreSQL: RETRACER_BENCH_PG (default postgresql+psycopg://postgres@127.0.0.1:5432/postgres) is used to
 create and drop a scratch database. The last line printed is JSON.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import statistics
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-# This script shares its name with the `transitions` library; keep bench/ off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import sqlalchemy
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from datetime import timedelta  # noqa: E402
-from typing import Any  # noqa: E402
-
-import sqlalchemy  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import Engine  # noqa: E402
-
-from retracer import config as cfg  # noqa: E402
-from retracer import db  # noqa: E402
-from retracer.applier import Applier  # noqa: E402
-from retracer.guards import TriggerContext  # noqa: E402
-from retracer.models import History, Job, ProcessedEvent, utcnow  # noqa: E402
-from retracer.testing import crash_data, event  # noqa: E402
-from retracer.workflow import load  # noqa: E402
+from retracer import config as cfg
+from retracer import db
+from retracer.applier import Applier
+from retracer.guards import TriggerContext
+from retracer.models import History, Job, ProcessedEvent, utcnow
+from retracer.testing import crash_data, event
+from retracer.workflow import load
 
 BATCH = 200
 PG_ADMIN_URL = os.environ.get("RETRACER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
