@@ -158,8 +158,8 @@ class Applier:
         known = event.to_dict() if event is not None else ev.peek(body)
         text = body if isinstance(body, str) else (
             body.decode("utf-8", "replace") if isinstance(body, bytes | bytearray) else json.dumps(body, default=str))
-        session.add(Rejected(event_id=known.get("id"), event_type=known.get("type"), job_id=known.get("job"),
-                             body=text, reason=reason))
+        session.add(Rejected(event_id=ev.storable(known.get("id")), event_type=ev.storable(known.get("type")),
+                             job_id=known.get("job"), body=ev.storable(text), reason=ev.storable(reason)))
         if event is not None:
             # A redelivered copy of a rejected event is a duplicate, not a second rejection.
             session.add(ProcessedEvent(event_id=event.id, job_id=event.job, outcome="rejected"))

@@ -23,6 +23,9 @@ HEX = re.compile(r"^[0-9a-fA-F]{8,128}$")
 EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$|^[^@\s<>,;\"]+@localhost$")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
+#: Job ids are 32-bit integers in the database (PostgreSQL INTEGER); a bigger one can name no job.
+MAX_JOB_ID = 2**31 - 1
+
 #: The routing key of the work requests that `serve` sends to workers.
 WORK_REQUEST = "retrace.requested"
 
@@ -183,6 +186,8 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:
     if spec is not None:
         if spec[0] and (isinstance(job, bool) or not isinstance(job, int) or job < 1):
             problems.append(f"job must be a positive integer job id for {etype}, got {job!r}")
+        elif spec[0] and isinstance(job, int) and job > MAX_JOB_ID:
+            problems.append(f"job {job} is larger than any job id can be (at most {MAX_JOB_ID})")
         if not spec[0] and job is not None:
             problems.append(f"job must be null for {etype} (the job does not exist yet), got {job!r}")
     occurred: datetime | None = None
@@ -218,6 +223,14 @@ def make(etype: str, job: int | None, data: dict[str, Any], source: str, event_i
                   "occurred_at": when.isoformat(), "source": source, "data": data})
 
 
+def storable(text: str | None) -> str | None:
+    """Text as both databases can keep it: PostgreSQL refuses NUL characters, and neither stores lone
+    surrogates. A rejected event's body is evidence, so these are escaped, never dropped."""
+    if text is None:
+        return None
+    return text.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def peek(body: str | bytes | dict[str, Any]) -> dict[str, Any]:
     """Whatever id/type/job can be read from a body that failed validation, for the rejected list."""
     try:
@@ -231,6 +244,6 @@ def peek(body: str | bytes | dict[str, Any]) -> dict[str, Any]:
         out["id"] = raw["id"][:200]
     if isinstance(raw.get("type"), str) and _encodable(raw["type"]):
         out["type"] = raw["type"][:100]
-    if isinstance(raw.get("job"), int) and not isinstance(raw.get("job"), bool) and 0 < raw["job"] < 2**62:
+    if isinstance(raw.get("job"), int) and not isinstance(raw.get("job"), bool) and 0 < raw["job"] <= MAX_JOB_ID:
         out["job"] = raw["job"]
     return out

@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -91,9 +91,9 @@ class Service:
             except RETRYABLE as exc:
                 log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
                 time.sleep(0.01 * (attempt + 1))
-            except (RetracerError, DBAPIError):
+            except RetracerError:
                 raise
-            except Exception:
+            except Exception:  # a DataError from one hostile value, a bug: isolate the event that causes it
                 log.exception("batch failed; applying its events one by one")
                 return self._apply_singly(bodies)
         return self._apply_singly(bodies)

@@ -8,6 +8,7 @@ from typing import Any, TextIO
 
 import click
 from sqlalchemy import delete, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from .. import events as ev
 from .. import logs
@@ -33,7 +34,14 @@ def serve(app: AppContext, until_idle: bool, log_level: str) -> None:
     logs.setup(log_level)
     service = Service(app.config, app.factory)
     service.install_signal_handlers()
-    service.run(until_idle=until_idle)  # the last log line ("stopped") carries the counters
+    try:
+        service.run(until_idle=until_idle)  # the last log line ("stopped") carries the counters
+    except (OperationalError, InterfaceError) as exc:
+        # Nothing is lost: events are acknowledged (or removed from the inbox) only with their commit.
+        raise RetracerError(
+            f"the database stopped answering ({str(exc.orig).strip().splitlines()[0] if exc.orig else exc}); "
+            f"serve stopped without acknowledging anything it had not committed. Check the database "
+            f"({app.engine.url.render_as_string(hide_password=True)}) and start `retracer serve` again.") from None
 
 
 def _read_events(stream: TextIO, name: str) -> list[ev.Event]:
