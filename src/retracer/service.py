@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -32,9 +32,26 @@ from .models import Outbox, utcnow
 log = logging.getLogger("retracer.serve")
 
 # Conflicts another process can cause (two consumers applying one redelivered event, a job updated by
-# an admin at the same moment): the batch is rolled back and applied again, and the markers sort it out.
+# an admin at the same moment, SQLite busy): the batch is rolled back and applied again, and the markers
+# sort it out.
 RETRYABLE = (IntegrityError, StaleDataError, OperationalError)
 MAX_BATCH_RETRIES = 5
+
+
+def unavailable(exc: BaseException) -> bool:
+    """The database itself is gone or refuses writes (not this batch's fault): nothing may be rejected for it.
+
+    Such an error leaves `serve` (with a clear message) before anything is acknowledged, so the events are
+    delivered again once the database is back, instead of being kept as rejected.
+    """
+    if isinstance(exc, InterfaceError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return True
+    return isinstance(exc, OperationalError) and not _busy(exc)
+
+
+def _busy(exc: OperationalError) -> bool:
+    text = str(exc.orig).lower()
+    return "database is locked" in text or "deadlock" in text or "could not serialize" in text
 
 
 @dataclass
@@ -89,11 +106,15 @@ class Service:
                 self.stats.count(outcomes)
                 return outcomes
             except RETRYABLE as exc:
+                if unavailable(exc):
+                    raise
                 log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
                 time.sleep(0.01 * (attempt + 1))
             except RetracerError:
                 raise
-            except Exception:  # a DataError from one hostile value, a bug: isolate the event that causes it
+            except Exception as exc:  # a DataError from one hostile value, a bug: isolate the event behind it
+                if unavailable(exc):
+                    raise
                 log.exception("batch failed; applying its events one by one")
                 return self._apply_singly(bodies)
         return self._apply_singly(bodies)
@@ -106,6 +127,8 @@ class Service:
                 with self.factory() as session, session.begin():
                     outcomes += self.applier.apply_batch(session, [body])
             except Exception as exc:
+                if isinstance(exc, OperationalError | InterfaceError):
+                    raise  # the database, not the event: it must be delivered again, not rejected
                 log.exception("event failed; keeping it as rejected")
                 with self.factory() as session, session.begin():
                     outcomes.append(self.applier.reject(session, body, None, f"internal error: {exc!r}"))
@@ -128,9 +151,13 @@ class Service:
                 self.stats.count(outcomes)
                 return len(rows)
             except RETRYABLE as exc:
+                if unavailable(exc):
+                    raise
                 log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
                 time.sleep(0.01 * (attempt + 1))
-            except Exception:
+            except Exception as exc:
+                if unavailable(exc):
+                    raise
                 log.exception("batch failed; applying its events one by one")
                 break
         return self._drain_singly(size)
@@ -147,6 +174,8 @@ class Service:
                     outcomes = self.applier.apply_batch(session, [rows[0].body])
                     embedded.done(session, rows)
             except Exception as exc:
+                if isinstance(exc, OperationalError | InterfaceError):
+                    raise  # the database, not the event: it must be delivered again, not rejected
                 log.exception("event failed; keeping it as rejected")
                 with self.factory() as session, session.begin():
                     rows = embedded.take(session, 1)

@@ -39,7 +39,7 @@ def serve(app: AppContext, until_idle: bool, log_level: str) -> None:
     except (OperationalError, InterfaceError) as exc:
         # Nothing is lost: events are acknowledged (or removed from the inbox) only with their commit.
         raise RetracerError(
-            f"the database stopped answering ({str(exc.orig).strip().splitlines()[0] if exc.orig else exc}); "
+            f"the database cannot be used ({str(exc.orig).strip().splitlines()[0] if exc.orig else exc}); "
             f"serve stopped without acknowledging anything it had not committed. Check the database "
             f"({app.engine.url.render_as_string(hide_password=True)}) and start `retracer serve` again.") from None
 

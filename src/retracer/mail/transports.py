@@ -7,8 +7,10 @@ mark it sent in the database right after the server (or the file) has it.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import mailbox
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -222,11 +224,17 @@ class MboxTransport:
         self.description = f"mbox file {path}"
 
     async def send_all(self, source: Source, done: Done, size: int) -> None:
+        lock_fd = -1
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # flock on our own descriptor, not mailbox's lock(): its dot-lock file outlives a sender killed
+            # with SIGKILL and then refuses every later delivery; the kernel drops an flock with the process.
+            lock_fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
             box = mailbox.mbox(str(self.path), create=True)
-            box.lock()
         except (OSError, mailbox.Error) as exc:
+            if lock_fd >= 0:
+                os.close(lock_fd)
             while (item := await source()) is not None:
                 await done(item, Failure(f"cannot open {self.description}: {exc}"))
             return
@@ -243,8 +251,8 @@ class MboxTransport:
                     present.add(item.message_id)
                 await done(item, None)
         finally:
-            box.unlock()
             box.close()
+            os.close(lock_fd)  # releases the flock
 
     async def aclose(self) -> None:
         return None
