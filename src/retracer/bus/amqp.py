@@ -16,6 +16,7 @@ number of times (``retry=True`` alone retries forever).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -126,6 +127,7 @@ class BatchConsumer(ConsumerMixin):
         self.last_idle = 0.0
         self.stopping = False
         self.batches = 0
+        self.failure: BaseException | None = None
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
         self.topology.declare(self.connection)
@@ -150,7 +152,16 @@ class BatchConsumer(ConsumerMixin):
         if not self.buffer:
             return
         batch, self.buffer = self.buffer, []
-        verdicts = self.handle([m.body if isinstance(m.body, bytes) else str(m.body).encode() for m in batch])
+        try:
+            verdicts = self.handle([m.body if isinstance(m.body, bytes) else str(m.body).encode() for m in batch])
+        except BaseException as exc:
+            # Handed back to the broker at once: a later batch's multiple-ack must never cover these.
+            for message in batch:
+                with contextlib.suppress(Exception):
+                    message.requeue()
+            self.failure = exc
+            self.should_stop = True
+            raise
         self.batches += 1
         rejects = [m for m, ok in zip(batch, verdicts, strict=True) if not ok]
         for message in rejects:
@@ -176,7 +187,10 @@ class BatchConsumer(ConsumerMixin):
             self.idle()
 
     def run_until_stopped(self) -> None:
+        """Consume until stopped; a batch that could not be applied ends the run with its error."""
         self.run(safety_interval=self.batch_wait or 0.05)
+        if self.failure is not None:
+            raise self.failure
 
     def stop(self) -> None:
         """Finish the batch in hand, ack it, then leave the consume loop."""

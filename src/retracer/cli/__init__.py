@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from .. import logs
 from ..errors import RetracerError
@@ -17,6 +18,12 @@ class RetracerGroup(click.Group):
             return super().invoke(ctx)
         except RetracerError as exc:
             raise click.ClickException(str(exc)) from None
+        except (OperationalError, InterfaceError) as exc:
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            raise click.ClickException(
+                f"the database cannot be used ({first}); nothing was changed. Check it (`retracer check-config` "
+                f"shows which database this is: a read-only disk, a full disk, a server that is down) and "
+                f"run the command again.") from None
 
 
 @click.group(cls=RetracerGroup, context_settings={"help_option_names": ["-h", "--help"]})
