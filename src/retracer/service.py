@@ -68,12 +68,17 @@ class Stats:
     chores: dict[str, int] = field(default_factory=dict)
 
     def count(self, outcomes: Sequence[Outcome]) -> None:
-        self.batches += 1
+        if outcomes:
+            self.batches += 1
         for o in outcomes:
             setattr(self, o.status, getattr(self, o.status) + 1)
 
 
 Chore = Callable[[], int]
+
+
+def _one(applier: Applier, body: str | bytes) -> Callable[[Session], list[Outcome]]:
+    return lambda session: applier.apply_batch(session, [body])
 
 
 class Service:
@@ -92,100 +97,84 @@ class Service:
             ("relay", self.relay), ("mail", self.mail),
         ]
         self.sender: Any = None
+        self._last_failure: BaseException | None = None
 
     # -- applying events --------------------------------------------------------------------------------
 
     def apply(self, bodies: Sequence[str | bytes]) -> list[Outcome]:
         """Apply a batch in one transaction, retrying on conflicts; never raises for a bad event."""
-        for attempt in range(MAX_BATCH_RETRIES):
-            try:
-                with self.factory() as session, session.begin():
-                    outcomes = self.applier.apply_batch(session, list(bodies))
-                    faults.point("apply.before_commit")
-                faults.point("apply.after_commit")
-                self.stats.count(outcomes)
-                return outcomes
-            except RETRYABLE as exc:
-                if unavailable(exc):
-                    raise
-                log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
-                time.sleep(0.01 * (attempt + 1))
-            except RetracerError:
-                raise
-            except Exception as exc:  # a DataError from one hostile value, a bug: isolate the event behind it
-                if unavailable(exc):
-                    raise
-                log.exception("batch failed; applying its events one by one")
-                return self._apply_singly(bodies)
-        return self._apply_singly(bodies)
-
-    def _apply_singly(self, bodies: Sequence[str | bytes]) -> list[Outcome]:
-        """Isolate an event that breaks its batch: it is kept as rejected, the others are applied."""
-        outcomes = []
-        for body in bodies:
-            try:
-                with self.factory() as session, session.begin():
-                    outcomes += self.applier.apply_batch(session, [body])
-            except Exception as exc:
-                if isinstance(exc, OperationalError | InterfaceError):
-                    raise  # the database, not the event: it must be delivered again, not rejected
-                log.exception("event failed; keeping it as rejected")
-                with self.factory() as session, session.begin():
-                    outcomes.append(self.applier.reject(session, body, None, f"internal error: {exc!r}"))
+        outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies)))
+        if outcomes is None:  # one event breaks the batch: apply them one at a time to isolate it
+            outcomes = []
+            for body in bodies:
+                outcomes += self._retrying(_one(self.applier, body), quiet=True) or self._keep_rejected([body])
         self.stats.count(outcomes)
         return outcomes
 
     def drain_inbox(self) -> int:
-        """Embedded mode: apply one batch from the inbox; the rows go in the same transaction."""
+        """Embedded mode: apply one batch from the inbox; its rows are deleted in the same transaction."""
         size = self.config["service"]["batch_size"]
+        outcomes = self._retrying(lambda session: self._drain(session, size))
+        if outcomes is None:  # one row breaks the batch: take them one at a time to isolate it
+            outcomes = []
+            for _ in range(size):
+                one = self._retrying(lambda session: self._drain(session, 1), quiet=True)
+                if one is None:
+                    one = self._keep_rejected(None)
+                if not one:
+                    break
+                outcomes += one
+        self.stats.count(outcomes)
+        return len(outcomes)
+
+    def _drain(self, session: Session, size: int) -> list[Outcome]:
+        rows = embedded.take(session, size)
+        outcomes = self.applier.apply_batch(session, [r.body for r in rows]) if rows else []
+        embedded.done(session, rows)
+        return outcomes
+
+    def _retrying(self, work: Callable[[Session], list[Outcome]], quiet: bool = False) -> list[Outcome] | None:
+        """Run ``work`` in one transaction, again after a conflict with another writer.
+
+        Returns None when it failed for a reason of its own (a DataError from one hostile value, a bug),
+        so the caller can isolate the event behind it; an unusable database raises instead, and `serve`
+        leaves before anything is acknowledged.
+        """
         for attempt in range(MAX_BATCH_RETRIES):
             try:
                 with self.factory() as session, session.begin():
-                    rows = embedded.take(session, size)
-                    if not rows:
-                        return 0
-                    outcomes = self.applier.apply_batch(session, [r.body for r in rows])
-                    embedded.done(session, rows)
+                    outcomes = work(session)
                     faults.point("apply.before_commit")
                 faults.point("apply.after_commit")
-                self.stats.count(outcomes)
-                return len(rows)
-            except RETRYABLE as exc:
-                if unavailable(exc):
-                    raise
-                log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
-                time.sleep(0.01 * (attempt + 1))
+                return outcomes
+            except RetracerError:
+                raise
             except Exception as exc:
                 if unavailable(exc):
                     raise
-                log.exception("batch failed; applying its events one by one")
-                break
-        return self._drain_singly(size)
+                if isinstance(exc, RETRYABLE) and attempt + 1 < MAX_BATCH_RETRIES:
+                    log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
+                    time.sleep(0.01 * (attempt + 1))
+                    continue
+                self._last_failure = exc
+                if not quiet:
+                    log.exception("batch failed; applying its events one by one")
+                return None
+        return None
 
-    def _drain_singly(self, size: int) -> int:
-        """Isolate the inbox row that breaks its batch: it is kept as rejected and removed from the inbox."""
-        n = 0
-        for _ in range(size):
-            try:
-                with self.factory() as session, session.begin():
-                    rows = embedded.take(session, 1)
-                    if not rows:
-                        break
-                    outcomes = self.applier.apply_batch(session, [rows[0].body])
-                    embedded.done(session, rows)
-            except Exception as exc:
-                if isinstance(exc, OperationalError | InterfaceError):
-                    raise  # the database, not the event: it must be delivered again, not rejected
-                log.exception("event failed; keeping it as rejected")
-                with self.factory() as session, session.begin():
-                    rows = embedded.take(session, 1)
-                    if not rows:
-                        break
-                    outcomes = [self.applier.reject(session, rows[0].body, None, f"internal error: {exc!r}")]
-                    embedded.done(session, rows)
-            self.stats.count(outcomes)
-            n += 1
-        return n
+    def _keep_rejected(self, bodies: list[str | bytes] | None) -> list[Outcome]:
+        """An event that cannot be applied even alone is kept, with the error, for an admin to look at.
+
+        ``bodies`` is the event from the broker; None takes the next inbox row, removed in the same
+        transaction as its rejection is kept.
+        """
+        exc = self._last_failure
+        log.error("event failed; keeping it as rejected", exc_info=exc)
+        with self.factory() as session, session.begin():
+            rows = embedded.take(session, 1) if bodies is None else []
+            embedded.done(session, rows)
+            found = bodies if bodies is not None else [r.body for r in rows]
+            return [self.applier.reject(session, body, None, f"internal error: {exc!r}") for body in found]
 
     # -- chores ------------------------------------------------------------------------------------------
 

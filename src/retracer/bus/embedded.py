@@ -42,7 +42,8 @@ def take(session: Session, limit: int) -> list[Inbox]:
 
 
 def done(session: Session, rows: Sequence[Inbox]) -> None:
-    session.execute(delete(Inbox).where(Inbox.seq.in_([r.seq for r in rows])))
+    if rows:
+        session.execute(delete(Inbox).where(Inbox.seq.in_([r.seq for r in rows])))
 
 
 def pending_count(session: Session) -> int:
