@@ -156,6 +156,8 @@ class Service:
                     log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
                     time.sleep(0.01 * (attempt + 1))
                     continue
+                if isinstance(exc, OperationalError):
+                    raise  # still busy after every retry: the database's problem, never the event's
                 self._last_failure = exc
                 if not quiet:
                     log.exception("batch failed; applying its events one by one")
