@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
           f"working directory {workdir}", flush=True)
     started = time.monotonic()
     with instance(args.mode, workdir) as (inst, deliveries):
-        # The CI-sized run (~10,500 events) gets ~35 kills with the defaults: scale them so that the kills
+        # The CI-sized run (~10,500 events) gets ~45 kills with the defaults: scale them so that the kills
         # asked for are spread over the whole run rather than spent in its first minutes.
-        scale = max(0.05, min(3.0, args.kills / 35 * 10_500 / args.events))
+        scale = max(0.05, min(3.0, args.kills / 45 * 10_500 / args.events))
         supervisor = Supervisor(inst, args.mode, parse_faults(args.faults, scale), external=(args.external, 0.5, 5.0),
                                 max_kills=args.kills, seed=args.seed)
         tally = run_scenario(inst, args.mode, workload, supervisor, deliveries, deadline_s=args.deadline,

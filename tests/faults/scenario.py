@@ -44,8 +44,8 @@ NOT_RECORDED = frozenset({"retrace.heartbeat"})
 POINTS_BY_MODE = {"embedded": tuple(p for p in POINTS if p != "ack.after"), "scaled": POINTS}
 #: Per-incarnation probabilities: each `serve` is armed with one point at a time (in rotation), so a
 #: SIGKILL it gives itself is attributed exactly.
-DEFAULT_FAULTS = {"apply.before_commit": 0.12, "apply.after_commit": 0.12, "ack.after": 0.12,
-                  "mail.after_send": 0.03, "mail.mid_flush": 0.03}
+DEFAULT_FAULTS = {"apply.before_commit": 0.2, "apply.after_commit": 0.2, "ack.after": 0.2,
+                  "mail.after_send": 0.05, "mail.mid_flush": 0.05}
 #: Settings for fault runs: small batches (more commit/ack points), no watchdog or re-offer during the run,
 #: a 10 s mail lease (10 x timeout_s) so a killed sender's claims are retaken soon, no flood digests.
 FAULT_SETTINGS = {
@@ -500,6 +500,8 @@ class Supervisor:
                 if rc is not None:
                     if rc == -signal.SIGKILL:
                         cause = armed or "SIGKILL (not armed)"
+                    elif rc == 0 and '"msg": "stopping' in log_tail(log, 200_000):
+                        cause = "stopped from outside"  # a SIGTERM we did not send: not serve's doing
                     elif rc == 0:
                         cause = "exited"
                     else:

@@ -43,7 +43,7 @@ def test_kill_matrix_embedded(embedded: Instance) -> None:
     inst = embedded
     configure(inst)
     workload = Workload.build(JOBS, seed=11)
-    supervisor = Supervisor(inst, "embedded", DEFAULT_FAULTS, external=(0.4, 0.5, 5.0), max_kills=40, seed=11)
+    supervisor = Supervisor(inst, "embedded", DEFAULT_FAULTS, external=(0.5, 0.5, 5.0), max_kills=45, seed=11)
     started = time.monotonic()
     tally = run_scenario(inst, "embedded", workload, supervisor,
                          lambda: read_mbox(inst.data_dir / "mail" / "outbox.mbox"), deadline_s=600, stall_s=60)
@@ -59,7 +59,7 @@ def test_kill_matrix_scaled(scaled: Instance, smtp_server: CaptureServer) -> Non
     inst = scaled
     configure(inst, mail_url=smtp_server.url)
     workload = Workload.build(JOBS, seed=12)
-    supervisor = Supervisor(inst, "scaled", DEFAULT_FAULTS, external=(0.4, 0.5, 5.0), max_kills=40, seed=12)
+    supervisor = Supervisor(inst, "scaled", DEFAULT_FAULTS, external=(0.5, 0.5, 5.0), max_kills=45, seed=12)
     started = time.monotonic()
     tally = run_scenario(inst, "scaled", workload, supervisor, lambda: _captured(smtp_server),
                          deadline_s=600, stall_s=60)

@@ -2,7 +2,7 @@
 
 Topology (names from the [broker] config; defaults shown):
   exchange ``retracer`` (topic, durable)
-    -> queue ``retracer.events`` (quorum, durable, single active consumer), bound to the six event types;
+    -> queue ``retracer.events`` (classic by default, durable, single active consumer), bound to the event types;
        rejected events go to
        exchange ``retracer.dlx`` -> queue ``retracer.events.dead``
     -> queue ``retracer.work``, bound to ``retrace.requested`` (the workers' queue)
