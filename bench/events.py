@@ -83,6 +83,13 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int | str = "self") -> float:
     """Resident set size from /proc/PID/status (VmRSS), in MB."""
     with open(f"/proc/{pid}/status") as f:
@@ -358,6 +365,7 @@ def watch_serve(proc: subprocess.Popen[bytes], engine: Engine, n: int, log_path:
                 label: str) -> dict[str, Any]:
     """Poll processed_event until n events are applied; time first to last and sample the consumer's RSS."""
     t_first = t_last = None
+    cpu_first = cpu_last = 0.0
     samples: list[tuple[int, float]] = []  # (events applied, RSS MB)
     progress: list[tuple[float, int]] = []  # (seconds since the first applied, events applied)
     deadline = time.monotonic() + max(300.0, n / 100)
@@ -366,12 +374,12 @@ def watch_serve(proc: subprocess.Popen[bytes], engine: Engine, n: int, log_path:
             done = int(conn.execute(text("SELECT count(*) FROM processed_event")).scalar_one())
             now = time.perf_counter()
             if done and t_first is None:
-                t_first = now
+                t_first, cpu_first = now, cpu_s(proc.pid)
             if done:
                 samples.append((done, rss_mb(proc.pid)))
                 progress.append((now - t_first, done))  # type: ignore[operator]
             if done >= n:
-                t_last = now
+                t_last, cpu_last = now, cpu_s(proc.pid)
                 break
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-3000:]
@@ -381,8 +389,11 @@ def watch_serve(proc: subprocess.Popen[bytes], engine: Engine, n: int, log_path:
             time.sleep(0.1)
     assert t_first is not None and t_last is not None
     rate = n / max(t_last - t_first, 1e-9)
-    say(f"[pg/{label}] {n} events in {t_last - t_first:.2f} s: {rate:.0f} events/s")
+    cpu_per_event = (cpu_last - cpu_first) / n * 1e6
+    say(f"[pg/{label}] {n} events in {t_last - t_first:.2f} s: {rate:.0f} events/s "
+        f"(serve CPU {cpu_per_event:.0f} µs per event)")
     return {"events": n, "seconds": round(t_last - t_first, 2), "events_per_s": round(rate),
+            "serve_cpu_us_per_event": round(cpu_per_event),
             "quarters_per_s": quarters(progress, n), **rss_figures(samples, n)}
 
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, text, update
+from sqlalchemy import Table, func, select, text
 from sqlalchemy.orm import Session
 
+from . import bulk
 from . import events as ev
 from .config import Config
 from .effects import EFFECTS
@@ -91,12 +92,13 @@ class Applier:
             except InvalidEvent as exc:
                 parsed.append(exc)
         valid = [p for p in parsed if isinstance(p, ev.Event)]
-        seen = set(session.scalars(select(ProcessedEvent.event_id)
-                                   .where(ProcessedEvent.event_id.in_([e.id for e in valid])))) if valid else set()
+        dialect = session.get_bind().dialect
+        seen = set(session.scalars(select(ProcessedEvent.event_id).where(
+            bulk.among(dialect, ProcessedEvent.event_id, [e.id for e in valid])))) if valid else set()
         policy = self.policy(session) if any(e.type == "retrace.failed" for e in valid) else None
         wanted = {e.job for e in valid if e.job is not None}
         # Locked in id order: the batch owns its jobs until commit, and two writers cannot deadlock on them.
-        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(wanted)).order_by(Job.id)
+        jobs = {j.id: j for j in session.scalars(select(Job).where(bulk.among(dialect, Job.id, wanted)).order_by(Job.id)
                                                  .with_for_update())} if wanted else {}
         batch = _Batch(jobs=jobs, now=utcnow(), policy=policy)
         submits = sum(1 for e in valid if e.type == "crash.submitted" and e.id not in seen)
@@ -135,7 +137,6 @@ class Applier:
         if new:
             # Its id is reserved now, so later events of this batch find it without a flush.
             job.id = batch.new_ids.pop(0) if batch.new_ids else _reserve_ids(session, "job", 1)[0]
-            session.add(job)
             batch.created.add(job.id)
         else:
             batch.touched.add(job.id)
@@ -210,20 +211,25 @@ class Applier:
         batch.history.append((history, job, mails))
 
     def _finish(self, session: Session, batch: _Batch) -> None:
-        """Write what the batch's transitions recorded: a few multi-row statements, whatever the batch size.
+        """Write what the batch's transitions recorded: one multi-row statement per table, whatever the batch
+        size (bulk.py: COPY on PostgreSQL).
 
         The ORM would write each changed job with its own UPDATE and each history row with its own
-        INSERT ... RETURNING (SQLite cannot return rows of a multi-row INSERT in order); here changed jobs
-        go in one executemany UPDATE and history ids are reserved up front, so nothing needs RETURNING.
+        INSERT ... RETURNING; here job and history ids are reserved up front, so nothing needs RETURNING.
+        New jobs are never added to the session and written jobs are expunged: the session holds nothing
+        the ORM could write a second time, and a later read in it loads the rows as written.
         """
+        conn = session.connection()
+        created = [batch.jobs[i] for i in sorted(batch.created)]
+        if created:
+            bulk.insert_rows(conn, _JOB_TABLE, [bulk.complete(_JOB_TABLE, _job_values(j, "id", "version_id"))
+                                                for j in created])
         touched = [batch.jobs[i] for i in sorted(batch.touched - batch.created)]
         if touched:
-            # Through the connection: Session.execute would autoflush, writing each job the ORM way first.
-            session.connection().execute(_UPDATE_JOB, [{"job_key": j.id, **{c: getattr(j, c) for c in _JOB_COLUMNS}}
-                                                       for j in touched])
-            for job in touched:  # written: the ORM must not write them again; a later read reloads them
+            bulk.update_rows(conn, _JOB_TABLE, [_job_values(j, "id") for j in touched], counter="version_id")
+            for job in touched:  # written: the ORM must not write them again
                 session.expunge(job)
-        session.flush()  # the batch's new jobs, ids already set: one multi-row INSERT
+        session.flush()  # rejected events and their markers, added the ORM way (rare)
         if batch.history:
             ids = _reserve_ids(session, "history", len(batch.history))
             rows, mails = [], []
@@ -232,11 +238,13 @@ class Applier:
                 for mail in wanted:
                     mail["context"]["job"] = job.id
                     mails.append({**mail, "job_id": job.id, "history_id": history_id})
-            session.connection().execute(insert(_HISTORY_TABLE), rows)
-            if mails:
-                session.connection().execute(insert(_MAIL_TABLE), mails)
-        if batch.markers:
-            session.connection().execute(insert(_MARKER_TABLE), list(batch.markers.values()))
+            bulk.insert_rows(conn, _HISTORY_TABLE, rows)
+            bulk.insert_rows(conn, _MAIL_TABLE, mails)
+        bulk.insert_rows(conn, _MARKER_TABLE, list(batch.markers.values()))
+
+
+def _job_values(job: Job, *extra: str) -> dict[str, Any]:
+    return {c: getattr(job, c) for c in (*extra, *_JOB_COLUMNS)}
 
 
 _JOB_TABLE = cast(Table, Job.__table__)
@@ -244,12 +252,6 @@ _HISTORY_TABLE = cast(Table, History.__table__)
 _MAIL_TABLE = cast(Table, Mail.__table__)
 _MARKER_TABLE = cast(Table, ProcessedEvent.__table__)
 _JOB_COLUMNS = tuple(c.name for c in _JOB_TABLE.columns if c.name not in ("id", "version_id"))
-_UPDATE_JOB = (
-    update(_JOB_TABLE)
-    .where(_JOB_TABLE.c.id == bindparam("job_key"))
-    .values({**{c: bindparam(c, type_=_JOB_TABLE.c[c].type) for c in _JOB_COLUMNS},
-             "version_id": _JOB_TABLE.c.version_id + 1})
-)
 
 
 def _reserve_ids(session: Session, table: str, count: int) -> list[int]:
