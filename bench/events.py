@@ -4,7 +4,7 @@
     /work/venv/bin/python bench/events.py --profile          # cProfile of the apply path, SQL per event
     /work/venv/bin/python bench/events.py --soak 1000000     # serve's RSS over a million events
 
-Measured with the same settings (batch size, prefetch, quorum queue) in one run:
+Measured with the same settings (batch size, prefetch, queue type) in one run:
 
   rabbitmq_pg_events_per_s   events pre-published to a fresh events queue (per job: crash.submitted,
                              retrace.started, retrace.heartbeat x2, upload.accepted; jobs interleaved in
@@ -430,7 +430,7 @@ def rss_figures(samples: list[tuple[int, float]], n: int) -> dict[str, Any]:
 
 
 def raw_consume_ack(args: argparse.Namespace, tmp: Path, mix: Mix, batch_ack: bool) -> dict[str, Any]:
-    """kombu consume + ack alone, from a queue declared exactly as retracer's (quorum, DLX, single active)."""
+    """kombu consume + ack alone, from a queue declared exactly as retracer's (queue type, DLX, single active)."""
     from kombu import Connection, Consumer
 
     from retracer.bus.amqp import Topology
@@ -782,6 +782,10 @@ def profile(args: argparse.Namespace, tmp: Path) -> None:
 # -- report ----------------------------------------------------------------------------------------------
 
 
+def shipped_queue_type() -> str:
+    return str(cfg.defaults()["broker"]["queue_type"])
+
+
 def source_revision() -> str:
     """The commit measured, with +dirty when src/ has uncommitted changes (read-only git queries)."""
     root = Path(__file__).resolve().parent.parent
@@ -898,10 +902,11 @@ def report(args: argparse.Namespace, r: dict[str, Any], small: int, total: float
         "rabbitmq_pg_db_span_events_per_s": pg["db_span_events_per_s"],
         "sqlite_db_span_events_per_s": sq["db_span_events_per_s"],
         "serve_rss_start_mb": pg.get("rss_start_mb"), "serve_rss_end_mb": pg.get("rss_end_mb"),
+        "serve_cpu_us_per_event": pg.get("serve_cpu_us_per_event"),
         "serve_rss_growth_mb": pg.get("rss_growth_mb"), "serve_rss_mb_per_1m_events": pg.get("rss_mb_per_1m_events"),
         "sqlite_rss_growth_mb": sq.get("rss_growth_mb"), "sqlite_rss_mb_per_1m_events": sq.get("rss_mb_per_1m_events"),
         "synchronous_commit": r["commit"]["synchronous_commit"],
-        "batch_size": args.batch_size, "prefetch": args.prefetch, "queue_type": "quorum",
+        "batch_size": args.batch_size, "prefetch": args.prefetch, "queue_type": shipped_queue_type(),
         "effects_ok": all(x["effects"]["ok"] for k, x in r.items() if isinstance(x, dict) and "effects" in x),
         "cpus": os.cpu_count(), "total_s": round(total), "loadavg_start": r["load_start"],
         "loadavg_end": round(os.getloadavg()[0], 2), "src": r["src"],
@@ -910,7 +915,8 @@ def report(args: argparse.Namespace, r: dict[str, Any], small: int, total: float
     print(f"\nretracer bench/events.py: best of {args.rounds}, {pg['events']} events per run "
           f"({pg['events'] // EVENTS_PER_JOB} jobs x "
           f"submitted/started/heartbeat x2/accepted), batch_size {args.batch_size}, prefetch {args.prefetch}, "
-          f"quorum queue, {os.cpu_count()} CPUs, PostgreSQL synchronous_commit={res['synchronous_commit']}")
+          f"{shipped_queue_type()} queue, {os.cpu_count()} CPUs, "
+          f"PostgreSQL synchronous_commit={res['synchronous_commit']}")
     rows = [
         ("RabbitMQ + PostgreSQL, `retracer serve`", f"{small:,}", pg["events_per_s"], "events/s",
          f"{pg['seconds']} s; db-stamped {pg['db_span_events_per_s']}/s; by quarter {pg['quarters_per_s']}"),

@@ -101,9 +101,20 @@ class Service:
 
     # -- applying events --------------------------------------------------------------------------------
 
-    def apply(self, bodies: Sequence[str | bytes]) -> list[Outcome]:
-        """Apply a batch in one transaction, retrying on conflicts; never raises for a bad event."""
-        outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies)))
+    def apply(self, bodies: Sequence[str | bytes], fresh: bool = False) -> list[Outcome]:
+        """Apply a batch in one transaction, retrying on conflicts; never raises for a bad event.
+
+        ``fresh``: the broker delivers these for the first time, so they are most likely new; the batch is
+        first applied without looking up their processed-event markers (a SELECT of ~4 ms a batch on
+        PostgreSQL). An event applied before still cannot take effect twice: its marker's primary key
+        fails the insert, the transaction rolls back, and the batch is applied again with the lookup.
+        """
+        outcomes = None
+        if fresh:
+            outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies), unseen=True),
+                                      tentative=True)
+        if outcomes is None:
+            outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies)))
         if outcomes is None:  # one event breaks the batch: apply them one at a time to isolate it
             outcomes = []
             for body in bodies:
@@ -133,14 +144,16 @@ class Service:
         embedded.done(session, rows)
         return outcomes
 
-    def _retrying(self, work: Callable[[Session], list[Outcome]], quiet: bool = False) -> list[Outcome] | None:
+    def _retrying(self, work: Callable[[Session], list[Outcome]], quiet: bool = False,
+                  tentative: bool = False) -> list[Outcome] | None:
         """Run ``work`` in one transaction, again after a conflict with another writer.
 
         Returns None when it failed for a reason of its own (a DataError from one hostile value, a bug),
         so the caller can isolate the event behind it; an unusable database raises instead, and `serve`
-        leaves before anything is acknowledged.
+        leaves before anything is acknowledged. ``tentative``: one try, None on any failure but an
+        unusable database, nothing logged (the caller has a careful way to do the same work).
         """
-        for attempt in range(MAX_BATCH_RETRIES):
+        for attempt in range(1 if tentative else MAX_BATCH_RETRIES):
             try:
                 with self.factory() as session, session.begin():
                     outcomes = work(session)
@@ -152,6 +165,8 @@ class Service:
             except Exception as exc:
                 if unavailable(exc):
                     raise
+                if tentative:
+                    return None
                 if isinstance(exc, RETRYABLE) and attempt + 1 < MAX_BATCH_RETRIES:
                     log.warning("batch conflict, retrying", extra={"attempt": attempt + 1, "error": str(exc)[:300]})
                     time.sleep(0.01 * (attempt + 1))
@@ -244,8 +259,14 @@ class Service:
                 break
             try:
                 n = chore()
-            except Exception:
-                log.exception("chore failed; it runs again at the next round", extra={"chore": name})
+            except Exception as exc:
+                if unavailable(exc):
+                    # Not a bug: one line, no traceback. The chore runs again at the next round, and the
+                    # apply path stops serve if the database stays away.
+                    log.error("chore failed: the database cannot be used; it runs again at the next round",
+                              extra={"chore": name, "error": str(getattr(exc, "orig", exc)).strip()[:300]})
+                else:
+                    log.exception("chore failed; it runs again at the next round", extra={"chore": name})
                 continue
             if n:
                 self.stats.chores[name] = self.stats.chores.get(name, 0) + n
@@ -303,8 +324,8 @@ class Service:
     def _run_amqp(self) -> None:
         from .bus.amqp import BatchConsumer
 
-        def handle(bodies: Sequence[bytes]) -> list[bool]:
-            return [o.status != "rejected" for o in self.apply(bodies)]
+        def handle(bodies: Sequence[bytes], fresh: bool) -> list[bool]:
+            return [o.status != "rejected" for o in self.apply(bodies, fresh)]
 
         self.consumer = BatchConsumer(self.config, handle, idle=self.run_chores)
         if self.stop_event.is_set():

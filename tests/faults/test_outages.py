@@ -330,7 +330,7 @@ def test_batch_failed_in_an_outage_is_delivered_again(scaled: Instance) -> None:
     applied: list[str] = []
     failures: list[str] = []
 
-    def handle(bodies: list[bytes]) -> list[bool]:
+    def handle(bodies: list[bytes], fresh: bool) -> list[bool]:
         if not failures:
             failures.append("first batch")
             raise OperationalError("COMMIT", {}, ConnectionRefusedError("connection to server failed"))

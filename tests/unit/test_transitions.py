@@ -10,6 +10,7 @@ service triggers through ``Applier.fire``, each in its own committed transaction
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,13 +22,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from retracer import bulk, db
 from retracer import config as cfg
-from retracer import db
 from retracer.applier import Applier, Outcome, history_of
 from retracer.config import Config
 from retracer.errors import StateWriteRefused, TransitionRefused
 from retracer.events import TYPES
-from retracer.models import History, Job, ProcessedEvent, Rejected, utcnow
+from retracer.models import History, Job, Mail, ProcessedEvent, Rejected, utcnow
+from retracer.service import Service
 from retracer.testing import crash_data, event
 from retracer.workflow import TransitionSpec, load
 
@@ -514,6 +516,68 @@ class TestExactlyOnce:
         body = world.ev("retrace.heartbeat", job_id, worker="w")
         assert [o.status for o in world.apply(body) + world.apply(body)] == ["rejected", "duplicate"]
         assert world.count(Rejected, event_id=body["id"]) == 1
+
+
+class TestFreshDeliveries:
+    """Service.apply(fresh=True): a first delivery skips the marker lookup; an event applied before must
+    still take effect once (its marker's key fails the first try and the batch is applied with the lookup)."""
+
+    def service(self, world: World) -> Service:
+        return Service(world.config, world.factory)
+
+    def test_fresh_batch_applies(self, world: World) -> None:
+        job_id = world.drive("PENDING")
+        body = world.ev("retrace.started", job_id, worker="w")
+        assert [o.status for o in self.service(world).apply([json.dumps(body)], fresh=True)] == ["applied"]
+        assert world.job(job_id).state == "RETRACING"
+
+    def test_fresh_batch_with_an_applied_event(self, world: World) -> None:
+        """A publisher's duplicate (not flagged redelivered) is still a duplicate: one history row, one bump."""
+        job_id = world.drive("PENDING")
+        started = world.ev("retrace.started", job_id, worker="w")
+        world.apply(started)
+        version = world.job(job_id).version_id
+        beat = world.ev("retrace.heartbeat", job_id, worker="w")
+        outcomes = self.service(world).apply([json.dumps(started), json.dumps(beat)], fresh=True)
+        assert [o.status for o in outcomes] == ["duplicate", "applied"]
+        assert [h.event_id for h in world.history(job_id)].count(started["id"]) == 1
+        assert world.job(job_id).version_id == version + 1
+
+    def test_fresh_submit_applied_before(self, world: World) -> None:
+        body = json.dumps(world.ev("crash.submitted", None, **crash_data()))
+        service = self.service(world)
+        outcomes = service.apply([body], fresh=True) + service.apply([body], fresh=True)
+        assert [o.status for o in outcomes] == ["applied", "duplicate"]
+        assert world.count(Job) == 1
+
+
+class TestBulkWrites:
+    """bulk.py writes the batch's rows (COPY on PostgreSQL, executemany on SQLite)."""
+
+    def test_update_twice_in_one_transaction(self, world: World) -> None:
+        """The staging table is emptied after each use: a second update in the same transaction does not
+        write the first one's rows again (the version counter moves once per write)."""
+        a, b = world.submit(), world.submit()
+        table = Job.__table__
+        with db.transaction(world.factory) as session:
+            conn = session.connection()
+            bulk.update_rows(conn, table, [{"id": a, "worker": "first"}], counter="version_id")
+            bulk.update_rows(conn, table, [{"id": b, "worker": "second"}], counter="version_id")
+        assert (world.job(a).worker, world.job(a).version_id) == ("first", 2)
+        assert (world.job(b).worker, world.job(b).version_id) == ("second", 2)
+
+    def test_insert_fills_defaults_and_json(self, world: World) -> None:
+        job_id = world.submit()
+        with db.transaction(world.factory) as session:
+            history_id = session.scalar(select(func.max(History.id)))
+            bulk.insert_rows(session.connection(), Mail.__table__, [
+                {"job_id": job_id, "history_id": history_id, "state": "PENDING", "recipient": "x@example.com",
+                 "rationale": "Creator", "context": {"job": job_id, "tabs\tand\nlines": "a\tb\nc\\d"}}])
+        with world.factory() as session:
+            mail = session.scalars(select(Mail).where(Mail.recipient == "x@example.com")).one()
+        assert (mail.status, mail.attempts) == ("pending", 0)
+        assert mail.created_at is not None and mail.created_at.tzinfo is not None
+        assert mail.context == {"job": job_id, "tabs\tand\nlines": "a\tb\nc\\d"}
 
 
 class TestStateColumn:

@@ -100,7 +100,8 @@ class Publisher:
             self.connection.release()
 
 
-BatchHandler = Callable[[Sequence[bytes]], Sequence[bool]]
+#: (bodies, fresh: no delivery of the batch was ever delivered before) -> per body, ack (True) or reject
+BatchHandler = Callable[[Sequence[bytes], bool], Sequence[bool]]
 
 
 class RawConsumer(Consumer):
@@ -164,7 +165,8 @@ class BatchConsumer(ConsumerMixin):
             return
         batch, self.buffer = self.buffer, []
         try:
-            verdicts = self.handle([m.body if isinstance(m.body, bytes) else str(m.body).encode() for m in batch])
+            verdicts = self.handle([m.body if isinstance(m.body, bytes) else str(m.body).encode() for m in batch],
+                                   not any(m.delivery_info.get("redelivered") for m in batch))
         except BaseException as exc:
             # Nothing more is acked on this channel (a later multiple-ack would cover this batch): the run
             # ends and the broker takes back every unacked delivery when the channel closes. Not requeued
