@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -22,10 +23,10 @@ def poison(service: Service, marker: str, error: Exception) -> None:
     """Make the applier raise ``error`` for any batch that contains the event whose crash id is ``marker``."""
     real = Applier.apply_batch
 
-    def apply_batch(self: Applier, session: Session, bodies: Any) -> Any:
+    def apply_batch(self: Applier, session: Session, bodies: Any, unseen: bool = False) -> Any:
         if any(marker in (b if isinstance(b, str) else json.dumps(b)) for b in bodies):
             raise error
-        return real(self, session, bodies)
+        return real(self, session, bodies, unseen)
 
     service.applier.apply_batch = apply_batch.__get__(service.applier)  # type: ignore[method-assign]
 
@@ -58,11 +59,51 @@ class TestIsolation:
         assert service.drain_inbox() == 3
         assert count(factory, Inbox) == 0 and count(factory, Job) == 2 and count(factory, Rejected) == 1
 
-    def test_an_unusable_database_is_not_a_rejection(self, config: cfg.Config,
-                                                     factory: sessionmaker[Session]) -> None:
-        """A database error raises out of the service (serve exits, the event comes back) and keeps nothing."""
+    @pytest.mark.parametrize("fresh", [False, True], ids=["redelivered", "fresh"])
+    def test_an_unusable_database_is_not_a_rejection(self, config: cfg.Config, factory: sessionmaker[Session],
+                                                     fresh: bool) -> None:
+        """A database error raises out of the service (serve exits, the event comes back) and keeps nothing,
+        also from the first, lookup-free try of a fresh batch."""
         service = Service(config, factory)
         poison(service, "crash-x", OperationalError("COMMIT", {}, ConnectionRefusedError("gone")))
         with pytest.raises(OperationalError):
-            service.apply([json.dumps(event("crash.submitted", **crash_data(crash_id="crash-x")))])
+            service.apply([json.dumps(event("crash.submitted", **crash_data(crash_id="crash-x")))], fresh)
         assert count(factory, Rejected) == 0 and count(factory, Job) == 0
+
+    def test_a_poisonous_event_in_a_fresh_batch(self, config: cfg.Config, factory: sessionmaker[Session]) -> None:
+        """The first try's failure hands the batch to the careful path, which isolates the event."""
+        service = Service(config, factory)
+        poison(service, "crash-bad", ValueError("boom"))
+        bodies = [json.dumps(event("crash.submitted", **crash_data(crash_id=c))) for c in ("crash-1", "crash-bad")]
+        assert [o.status for o in service.apply(bodies, fresh=True)] == ["applied", "rejected"]
+        assert count(factory, Job) == 1 and count(factory, Rejected) == 1
+
+
+class TestChores:
+    def test_an_unusable_database_is_one_line(self, config: cfg.Config, factory: sessionmaker[Session],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+        """A chore that meets an unusable database logs what is wrong in one line (no traceback) and the
+        other chores still run; a chore that fails for another reason logs its traceback."""
+        service = Service(config, factory)
+        ran: list[str] = []
+
+        def gone() -> int:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("the database system is shutting down"))
+
+        def bug() -> int:
+            raise KeyError("oops")
+
+        service.chores = [("watchdog", gone), ("dispatch", bug), ("mail", lambda: ran.append("mail") or 0)]
+        logger = logging.getLogger("retracer")
+        logger.addHandler(caplog.handler)  # other tests may have turned propagation off (logs.quiet)
+        try:
+            with caplog.at_level("INFO", logger="retracer"):
+                service.run_chores()
+        finally:
+            logger.removeHandler(caplog.handler)
+        assert ran == ["mail"]
+        (outage,) = [r for r in caplog.records if getattr(r, "chore", None) == "watchdog"]
+        assert outage.getMessage() == "chore failed: the database cannot be used; it runs again at the next round"
+        assert outage.exc_info is None and "shutting down" in outage.error  # type: ignore[attr-defined]
+        (failure,) = [r for r in caplog.records if getattr(r, "chore", None) == "dispatch"]
+        assert failure.exc_info is not None
