@@ -32,7 +32,11 @@ class JsonFormatter(logging.Formatter):
         }
         many = getattr(record, LINES, None)
         if many is not None:
-            return "\n".join(json.dumps({**line, **entry}, default=str) for entry in many)
+            # The record's fields once, each entry's after them: '{"at": ..., "msg": "applied", ' + '"job": ...}'.
+            # An entry's key equal to a record field would appear twice; entries carry event fields only.
+            head = json.dumps(line, default=str)[:-1] + ", "
+            return "\n".join(head + json.dumps(entry, default=str)[1:] if entry else head[:-2] + "}"
+                             for entry in many)
         line.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
