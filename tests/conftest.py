@@ -49,15 +49,16 @@ def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for the whole run, migrated to head, dropped at the end."""
     require_server("PostgreSQL", "127.0.0.1", 5432)
     name = f"retracer_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # pre_ping: the outage tests restart PostgreSQL, which leaves this pool's connection dead.
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     db.upgrade(url)
     yield url
     with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        # FORCE: a serve process a failed test left behind must not keep the database alive.
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
 
 
