@@ -7,16 +7,18 @@ mark it sent in the database right after the server (or the file) has it.
 from __future__ import annotations
 
 import asyncio
+import email.generator
 import fcntl
+import io
 import logging
-import mailbox
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 import aiosmtplib
@@ -217,66 +219,109 @@ class MboxTransport:
 
     The skip is what makes a crash between appending a mail and marking it sent harmless: the next run
     finds the Message-ID (deterministic per job, transition and recipient) and only marks the row.
+
+    The Message-IDs read and the offset read up to are kept between flushes: writers only append, under
+    the same lock, so a flush reads what was added since the last one instead of the whole file (reading it
+    all on every flush made a long-lived mailbox quadratic: 25 minutes of a 100,000-event soak). A file
+    replaced or cut shorter is read again from the start.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.description = f"mbox file {path}"
+        self._ids: set[str] = set()
+        self._read_to = 0
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file read so far
 
     async def send_all(self, source: Source, done: Done, size: int) -> None:
-        lock_fd = -1
+        fd = -1
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # flock on our own descriptor, not mailbox's lock(): its dot-lock file outlives a sender killed
-            # with SIGKILL and then refuses every later delivery; the kernel drops an flock with the process.
-            lock_fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            box = mailbox.mbox(str(self.path), create=True)
-        except (OSError, mailbox.Error) as exc:
-            if lock_fd >= 0:
-                os.close(lock_fd)
+            # flock on our own descriptor, not a dot-lock file: that outlives a sender killed with SIGKILL
+            # and then refuses every later delivery; the kernel drops an flock with the process.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._catch_up(fd)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
             while (item := await source()) is not None:
                 await done(item, Failure(f"cannot open {self.description}: {exc}"))
             return
         try:
-            present = message_ids(self.path)
             while (item := await source()) is not None:
-                if item.message_id not in present:
+                if item.message_id not in self._ids:
+                    entry = mbox_entry(item.message)
                     try:
-                        box.add(item.message)
-                        box.flush()
+                        _write_all(fd, entry)
+                        os.fsync(fd)  # on disk before the row is marked sent
                     except OSError as exc:
+                        self._file = None  # what reached the file is unknown: read it all next time
                         await done(item, Failure(f"cannot write to {self.description}: {exc}"))
                         continue
-                    present.add(item.message_id)
+                    self._ids.add(item.message_id)
+                    self._read_to += len(entry)
                 await done(item, None)
         finally:
-            box.close()
-            os.close(lock_fd)  # releases the flock
+            os.close(fd)  # releases the flock
+
+    def _catch_up(self, fd: int) -> None:
+        """Read the Message-IDs appended since the last flush (all of them for a new or replaced file)."""
+        st = os.fstat(fd)
+        if self._file != (st.st_dev, st.st_ino) or st.st_size < self._read_to:
+            self._ids, self._read_to, self._file = set(), 0, (st.st_dev, st.st_ino)
+        if st.st_size > self._read_to:
+            with open(os.dup(fd), "rb") as f:
+                f.seek(self._read_to)
+                read_message_ids(f, self._ids)
+                self._read_to = f.tell()
 
     async def aclose(self) -> None:
         return None
 
 
+def mbox_entry(message: EmailMessage) -> bytes:
+    """One message as Python's mailbox.mbox appends it: a From_ line, the message with body lines starting
+    "From " quoted as ">From ", and a blank line after it."""
+    buffer = io.BytesIO()
+    email.generator.BytesGenerator(buffer, mangle_from_=True, maxheaderlen=0).flatten(message)
+    data = buffer.getvalue()
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    unixfrom = message.get_unixfrom()
+    from_line = unixfrom.encode("ascii") if unixfrom else b"From MAILER-DAEMON " + time.asctime(time.gmtime()).encode()
+    return from_line + b"\n" + data + b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def message_ids(path: Path) -> set[str]:
     """The Message-IDs in an mbox file, read from the header blocks only (a body may quote headers)."""
     ids: set[str] = set()
-    if not path.exists():
-        return ids
+    if path.exists():
+        with open(path, "rb") as f:
+            read_message_ids(f, ids)
+    return ids
+
+
+def read_message_ids(f: BinaryIO, ids: set[str]) -> None:
+    """Add the Message-IDs from ``f``'s position (the start of a message) to its end."""
     in_headers = False
     previous_blank = True
-    with open(path, "rb") as f:
-        for line in f:
-            blank = line in (b"\n", b"\r\n")
-            if previous_blank and line.startswith(b"From "):
-                in_headers = True
-            elif in_headers:
-                if blank:
-                    in_headers = False
-                elif line[:11].lower() == b"message-id:":
-                    ids.add(line[11:].strip().decode("ascii", "replace"))
-            previous_blank = blank
-    return ids
+    for line in f:
+        blank = line in (b"\n", b"\r\n")
+        if previous_blank and line.startswith(b"From "):
+            in_headers = True
+        elif in_headers:
+            if blank:
+                in_headers = False
+            elif line[:11].lower() == b"message-id:":
+                ids.add(line[11:].strip().decode("ascii", "replace"))
+        previous_blank = blank
 
 
 def transport_for(config: Config) -> Transport:
