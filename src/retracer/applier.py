@@ -86,9 +86,10 @@ class Applier:
         ``unseen``: skip the lookup of processed markers; an event applied before then fails the marker
         insert (its primary key), and the caller applies the batch again without ``unseen``.
 
-        The batch costs a handful of statements whatever its size: one SELECT for the processed markers,
-        one for the jobs it names, one flush (job updates, new jobs, history, mails) and one INSERT of
-        the markers. Autoflush is off: a per-event SELECT would flush the previous event's writes.
+        The batch costs a handful of statements whatever its size: one SELECT for the processed markers
+        (none when ``unseen``), one SELECT ... FOR UPDATE for the jobs it names (as plain rows, outside the
+        session), and one multi-row write per table at the end (_finish). Autoflush is off: a per-event
+        SELECT would flush the previous event's writes.
         """
         parsed: list[ev.Event | InvalidEvent] = []
         for body in bodies:
@@ -222,8 +223,8 @@ class Applier:
 
         The ORM would write each changed job with its own UPDATE and each history row with its own
         INSERT ... RETURNING; here job and history ids are reserved up front, so nothing needs RETURNING.
-        New jobs are never added to the session and written jobs are expunged: the session holds nothing
-        the ORM could write a second time, and a later read in it loads the rows as written.
+        The batch's jobs are never in the session (an admin's job, loaded by ``fire``, is expunged once
+        written): the ORM has nothing to write a second time, and a later read loads the rows as written.
         """
         conn = session.connection()
         created = [batch.jobs[i] for i in sorted(batch.created)]
