@@ -15,7 +15,7 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Table, any_, bindparam, insert, literal, update
+from sqlalchemy import JSON, ColumnElement, Table, TypeDecorator, any_, bindparam, insert, literal, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Dialect
 
@@ -37,7 +37,7 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         return
     columns = [c for c in table.columns if c.name in rows[0] or c.default is not None]
     _copy(conn, f"COPY {table.name} ({', '.join(c.name for c in columns)}) FROM STDIN",
-          _tuples(columns, rows))
+          _tuples(conn.dialect, columns, rows))
 
 
 def update_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], key: str = "id",
@@ -60,7 +60,8 @@ def update_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS "
                          f"AS SELECT * FROM {table.name} WITH NO DATA")
     columns = [table.c[key], *(table.c[n] for n in names)]
-    _copy(conn, f"COPY {staging} ({', '.join(c.name for c in columns)}) FROM STDIN", _tuples(columns, rows))
+    _copy(conn, f"COPY {staging} ({', '.join(c.name for c in columns)}) FROM STDIN",
+          _tuples(conn.dialect, columns, rows))
     sets = [f"{n} = s.{n}" for n in names]
     if counter:
         sets.append(f"{counter} = {table.name}.{counter} + 1")
@@ -84,15 +85,19 @@ def _default(column: Any) -> Any:
     return column.default.arg(None) if column.default.is_callable else column.default.arg
 
 
-def _tuples(columns: Sequence[Any], rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+def _tuples(dialect: Dialect, columns: Sequence[Any], rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
     is_json = [isinstance(c.type, JSON) for c in columns]
+    # A column type's own bind processing (UTCDateTime refuses naive datetimes) applies as it would in an INSERT.
+    decorated = [c.type if isinstance(c.type, TypeDecorator) else None for c in columns]
     out = []
     for row in rows:
         values = []
-        for column, as_json in zip(columns, is_json, strict=True):
+        for column, as_json, decorator in zip(columns, is_json, decorated, strict=True):
             value = row.get(column.name)
             if value is None and column.name not in row and column.default is not None:
                 value = _default(column)
+            if decorator is not None:
+                value = decorator.process_bind_param(value, dialect)
             if as_json and value is not None:
                 value = json.dumps(value)
             values.append(value)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import bulk, db
@@ -565,6 +566,14 @@ class TestBulkWrites:
             bulk.update_rows(conn, table, [{"id": b, "worker": "second"}], counter="version_id")
         assert (world.job(a).worker, world.job(a).version_id) == ("first", 2)
         assert (world.job(b).worker, world.job(b).version_id) == ("second", 2)
+
+    def test_a_naive_datetime_is_refused(self, world: World) -> None:
+        """The column type's check holds on the COPY path as in an INSERT: a time without a zone is refused."""
+        job_id = world.submit()
+        with pytest.raises((ValueError, StatementError), match="naive datetime"), \
+                db.transaction(world.factory) as session:
+            bulk.update_rows(session.connection(), Job.__table__, [{"id": job_id, "started_at": datetime(2026, 1, 1)}])
+        assert world.job(job_id).started_at is None
 
     def test_insert_fills_defaults_and_json(self, world: World) -> None:
         job_id = world.submit()
