@@ -114,13 +114,18 @@ class Applier:
         with session.no_autoflush:
             for body, item in zip(bodies, parsed, strict=True):
                 if isinstance(item, InvalidEvent):
-                    outcomes.append(self.reject(session, body, None, str(item)))
+                    outcomes.append(self.reject(session, body, None, str(item), logged=False))
                 elif item.id in seen:
                     outcomes.append(Outcome("duplicate", item.id, item.type, item.job))
                 else:
                     seen.add(item.id)
                     outcomes.append(self._apply(session, item, body, batch, len(outcomes)))
         self._finish(session, batch)
+        # Logged once the batch's writes went through: a first try that fails (a duplicate's marker) and is
+        # applied again must not report its rejections twice.
+        for outcome in outcomes:
+            if outcome.status == "rejected":
+                _log_rejected(outcome)
         if batch.created_or_applied and log.isEnabledFor(logging.INFO):
             log.info("applied", extra={LINES: [
                 {"event_id": o.event_id, "event_type": o.event_type, "job": o.job_id, "trigger": o.trigger,
@@ -140,7 +145,7 @@ class Applier:
                 trigger = self._trigger_for(event.type, job)
                 change = self.workflow.fire(job, trigger, ctx)
         except RetracerError as exc:
-            return self.reject(session, body, event, str(exc))
+            return self.reject(session, body, event, str(exc), logged=False)
         if new:
             # Its id is reserved now, so later events of this batch find it without a flush.
             job.id = batch.new_ids.pop(0) if batch.new_ids else _reserve_ids(session, "job", 1)[0]
@@ -162,7 +167,10 @@ class Applier:
                                 f"event {event_type} does not apply to a job in state {job.state}",
                                 self.workflow.allowed_from(job.state))
 
-    def reject(self, session: Session, body: Any, event: ev.Event | None, reason: str) -> Outcome:
+    def reject(self, session: Session, body: Any, event: ev.Event | None, reason: str,
+               logged: bool = True) -> Outcome:
+        """Keep ``body`` in `rejected` with ``reason`` (and its marker, if it has an id); ``logged``: say so
+        in the log now (apply_batch logs its rejections after its writes)."""
         known = event.to_dict() if event is not None else ev.peek(body)
         text = body if isinstance(body, str) else (
             body.decode("utf-8", "replace") if isinstance(body, bytes | bytearray) else json.dumps(body, default=str))
@@ -171,9 +179,10 @@ class Applier:
         if event is not None:
             # A redelivered copy of a rejected event is a duplicate, not a second rejection.
             session.add(ProcessedEvent(event_id=event.id, job_id=event.job, outcome="rejected"))
-        log.warning("rejected", extra={"event_id": known.get("id"), "event_type": known.get("type"),
-                                       "job": known.get("job"), "reason": reason})
-        return Outcome("rejected", known.get("id"), known.get("type"), known.get("job"), reason=reason)
+        outcome = Outcome("rejected", known.get("id"), known.get("type"), known.get("job"), reason=reason)
+        if logged:
+            _log_rejected(outcome)
+        return outcome
 
     # -- admin and service triggers -----------------------------------------------------------------
 
@@ -249,6 +258,11 @@ class Applier:
             bulk.insert_rows(conn, _HISTORY_TABLE, rows)
             bulk.insert_rows(conn, _MAIL_TABLE, mails)
         bulk.insert_rows(conn, _MARKER_TABLE, list(batch.markers.values()))
+
+
+def _log_rejected(outcome: Outcome) -> None:
+    log.warning("rejected", extra={"event_id": outcome.event_id, "event_type": outcome.event_type,
+                                   "job": outcome.job_id, "reason": outcome.reason})
 
 
 def _job_values(job: Job, *extra: str) -> dict[str, Any]:

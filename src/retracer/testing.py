@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -70,3 +73,23 @@ class Shell:
             print(out)
         if result.exit_code:
             print(f"[exit {result.exit_code}]")
+
+
+@contextmanager
+def captured_logs(level: int = logging.INFO) -> Iterator[list[logging.LogRecord]]:
+    """The records retracer's loggers emit inside the block, each once, whatever propagation other code set."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("retracer")
+    handler, before = Keep(level), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level, before) if before else level)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)

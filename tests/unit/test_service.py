@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from retracer.applier import Applier
 from retracer.bus import embedded
 from retracer.models import Inbox, Job, Rejected
 from retracer.service import Service
-from retracer.testing import crash_data, event
+from retracer.testing import captured_logs, crash_data, event
 
 
 def poison(service: Service, marker: str, error: Exception) -> None:
@@ -80,8 +79,7 @@ class TestIsolation:
 
 
 class TestChores:
-    def test_an_unusable_database_is_one_line(self, config: cfg.Config, factory: sessionmaker[Session],
-                                               caplog: pytest.LogCaptureFixture) -> None:
+    def test_an_unusable_database_is_one_line(self, config: cfg.Config, factory: sessionmaker[Session]) -> None:
         """A chore that meets an unusable database logs what is wrong in one line (no traceback) and the
         other chores still run; a chore that fails for another reason logs its traceback."""
         service = Service(config, factory)
@@ -94,16 +92,11 @@ class TestChores:
             raise KeyError("oops")
 
         service.chores = [("watchdog", gone), ("dispatch", bug), ("mail", lambda: ran.append("mail") or 0)]
-        logger = logging.getLogger("retracer")
-        logger.addHandler(caplog.handler)  # other tests may have turned propagation off (logs.quiet)
-        try:
-            with caplog.at_level("INFO", logger="retracer"):
-                service.run_chores()
-        finally:
-            logger.removeHandler(caplog.handler)
+        with captured_logs() as records:
+            service.run_chores()
         assert ran == ["mail"]
-        (outage,) = [r for r in caplog.records if getattr(r, "chore", None) == "watchdog"]
+        (outage,) = [r for r in records if getattr(r, "chore", None) == "watchdog"]
         assert outage.getMessage() == "chore failed: the database cannot be used; it runs again at the next round"
         assert outage.exc_info is None and "shutting down" in outage.error  # type: ignore[attr-defined]
-        (failure,) = [r for r in caplog.records if getattr(r, "chore", None) == "dispatch"]
+        (failure,) = [r for r in records if getattr(r, "chore", None) == "dispatch"]
         assert failure.exc_info is not None

@@ -11,6 +11,7 @@ service triggers through ``Applier.fire``, each in its own committed transaction
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from retracer.errors import StateWriteRefused, TransitionRefused
 from retracer.events import TYPES
 from retracer.models import History, Job, Mail, ProcessedEvent, Rejected, utcnow
 from retracer.service import Service
-from retracer.testing import crash_data, event
+from retracer.testing import captured_logs, crash_data, event
 from retracer.workflow import TransitionSpec, load
 
 WF = load()
@@ -543,6 +544,19 @@ class TestFreshDeliveries:
         assert [o.status for o in outcomes] == ["duplicate", "applied"]
         assert [h.event_id for h in world.history(job_id)].count(started["id"]) == 1
         assert world.job(job_id).version_id == version + 1
+
+    def test_rejections_logged_once(self, world: World) -> None:
+        """The first try fails on the duplicate's marker and the batch is applied again: the refused event
+        in it is kept and logged once."""
+        job_id = world.drive("PENDING")
+        started = world.ev("retrace.started", job_id, worker="w")
+        world.apply(started)
+        refused = world.ev("upload.accepted", world.drive("PENDING"), leaf="up-1")
+        with captured_logs(logging.WARNING) as records:
+            outcomes = self.service(world).apply([json.dumps(started), json.dumps(refused)], fresh=True)
+        assert [o.status for o in outcomes] == ["duplicate", "rejected"]
+        assert [getattr(r, "event_id", None) for r in records if r.getMessage() == "rejected"] == [refused["id"]]
+        assert world.count(Rejected, event_id=refused["id"]) == 1
 
     def test_fresh_submit_applied_before(self, world: World) -> None:
         body = json.dumps(world.ev("crash.submitted", None, **crash_data()))
