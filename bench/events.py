@@ -224,13 +224,11 @@ def broker_env(names: dict[str, str]) -> dict[str, str]:
 def delete_broker_objects(names: dict[str, str]) -> None:
     from kombu import Connection
 
+    from retracer.bus.amqp import Topology
+
     try:
         with Connection(AMQP_URL, connect_timeout=5) as conn:
-            channel = conn.channel()
-            for key in ("queue", "work_queue", "dead_letter_queue"):
-                channel.queue_delete(names[key])
-            for key in ("exchange", "dead_letter_exchange"):
-                channel.exchange_delete(names[key])
+            Topology(cfg.load(environ=broker_env(names))).delete(conn)
     except Exception as exc:  # cleanup reports, never hides the figures
         say(f"could not delete broker objects {names}: {exc}")
 

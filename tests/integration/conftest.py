@@ -109,19 +109,18 @@ class Instance:
                 proc.wait()
         self.engine.dispose()
         if self.names:
-            _delete_broker_objects(self.names)
+            _delete_broker_objects(self.env)
 
 
-def _delete_broker_objects(names: dict[str, str]) -> None:
+def _delete_broker_objects(env: dict[str, str]) -> None:
     from kombu import Connection
+
+    from retracer import config as cfg
+    from retracer.bus.amqp import Topology
 
     try:
         with Connection(AMQP_URL, connect_timeout=5) as conn:
-            channel = conn.channel()
-            for key in ("queue", "work_queue", "dead_letter_queue"):
-                channel.queue_delete(names[key])
-            for key in ("exchange", "dead_letter_exchange"):
-                channel.exchange_delete(names[key])
+            Topology(cfg.load(environ=env)).delete(conn)
     except Exception:  # cleanup must not hide the test's own result
         pass
 

@@ -235,3 +235,29 @@ class TestEmbeddedProcesses:
         assert inst.scalar("SELECT count(*) FROM job") == 300
         assert inst.scalar("SELECT count(*) FROM history") == 300
         assert inst.scalar("SELECT count(*) FROM processed_event") == 300
+
+
+def test_topology_delete_takes_its_queues_and_exchanges_away(scaled: Instance) -> None:
+    """Topology.delete (test and benchmark clean-up) removes exactly what declare made, messages included."""
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    from retracer import config as cfg
+    from retracer.bus.amqp import Publisher, Topology
+
+    from ..conftest import AMQP_URL
+
+    config = cfg.load(environ=scaled.env)
+    publisher = Publisher(config)
+    publisher.publish("retrace.heartbeat", json.dumps({"n": 1}), "delete-1")  # declares, leaves one message
+    publisher.close()
+    topology = Topology(config)
+    with Connection(AMQP_URL, connect_timeout=5) as conn:
+        assert topology.events.bind(conn.channel()).queue_declare(passive=True).message_count == 1
+        topology.delete(conn)
+        for queue in (topology.events, topology.work, topology.dead):
+            with pytest.raises(NotFound):
+                queue.bind(conn.channel()).queue_declare(passive=True)
+        for exchange in (topology.exchange, topology.dlx):
+            with pytest.raises(NotFound):
+                exchange.bind(conn.channel()).declare(passive=True)

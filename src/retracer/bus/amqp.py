@@ -57,6 +57,15 @@ class Topology:
         for entity in (self.exchange, self.dlx, self.events, self.dead, self.work):
             entity.bind(channel).declare()
 
+    def delete(self, connection: Connection) -> None:
+        """Remove the queues (with their messages) and exchanges: an installation taken down, a test's or a
+        benchmark's own names cleaned up."""
+        channel = connection.channel()
+        for queue in (self.events, self.work, self.dead):
+            channel.queue_delete(queue.name)
+        for exchange in (self.exchange, self.dlx):
+            channel.exchange_delete(exchange.name)
+
 
 def connect(config: Config) -> Connection:
     return Connection(config.broker_url, transport_options={"confirm_publish": True},
