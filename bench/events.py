@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, insert, text
+from sqlalchemy import event, insert, text
 from sqlalchemy.engine import Engine, make_url
 
 from retracer import config as cfg
@@ -59,7 +59,7 @@ from retracer import db, logs
 from retracer import events as ev
 from retracer.models import Inbox
 from retracer.service import Service
-from retracer.testing import crash_data
+from retracer.testing import crash_data, scratch_postgres
 
 AMQP_URL = os.environ.get("RETRACER_BENCH_AMQP", "pyamqp://guest:guest@127.0.0.1:5672//")
 PG_ADMIN_URL = os.environ.get("RETRACER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -236,27 +236,8 @@ def delete_broker_objects(names: dict[str, str]) -> None:
 @contextmanager
 def pg_database(label: str) -> Iterator[str]:
     """A fresh PostgreSQL database migrated to head; dropped at the end."""
-    name = f"retracer_bench_{label}_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        db.upgrade(url)
+    with scratch_postgres(PG_ADMIN_URL, f"retracer_bench_{label}") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                         {"n": name})
-            for attempt in range(20):  # a terminated backend takes a moment to go
-                try:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-                    break
-                except Exception as exc:
-                    if attempt == 19:
-                        say(f"could not drop database {name}: {exc}")
-                    time.sleep(0.25)
-        admin.dispose()
 
 
 def publish_all(config: cfg.Config, mix: Mix) -> float:
@@ -315,13 +296,7 @@ def serve_rabbitmq_pg(args: argparse.Namespace, tmp: Path, background: int, labe
             try:
                 out.update(watch_serve(proc, engine, n, log_path, label))
             finally:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                stop_serve(proc)
             out["serve_exit"] = proc.returncode
             out["serve_stats"] = serve_stats(log_path)
             out["db_span_events_per_s"] = round((n - 1) / max(applied_span(engine), 1e-9))
@@ -330,6 +305,17 @@ def serve_rabbitmq_pg(args: argparse.Namespace, tmp: Path, background: int, labe
             engine.dispose()
             delete_broker_objects(names)
     return out
+
+
+def stop_serve(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (serve finishes its batch and says "stopped" with its counters), SIGKILL after a minute."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def serve_stats(log_path: Path) -> dict[str, Any] | None:
@@ -637,13 +623,7 @@ def soak(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 try:
                     out.update(feed_and_watch(args, conn, topology, proc, engine, n, first_job, log_path))
                 finally:
-                    if proc.poll() is None:
-                        proc.send_signal(signal.SIGTERM)
-                        try:
-                            proc.wait(timeout=60)
-                        except subprocess.TimeoutExpired:
-                            proc.kill()
-                            proc.wait()
+                    stop_serve(proc)
             out["serve_stats"] = serve_stats(log_path)
             with engine.connect() as c:
                 out["rejected"] = int(c.execute(text("SELECT count(*) FROM rejected")).scalar_one())

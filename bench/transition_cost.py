@@ -29,9 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from retracer import db
 from retracer.applier import Applier
 from retracer.guards import TriggerContext
 from retracer.models import History, Job, ProcessedEvent, utcnow
-from retracer.testing import crash_data, event
+from retracer.testing import crash_data, event, scratch_postgres
 from retracer.workflow import load
 
 BATCH = 200
@@ -74,22 +73,8 @@ def sqlite_database() -> Iterator[str]:
         yield url
 
 
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    name = f"retracer_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-        db.upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                         {"n": name})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+def postgres_database() -> AbstractContextManager[str]:
+    return scratch_postgres(PG_ADMIN_URL, "retracer_bench")
 
 
 def postgres_reachable() -> str | None:

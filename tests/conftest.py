@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from retracer import config as cfg
 from retracer import db
 from retracer.models import Base
+from retracer.testing import scratch_postgres
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("RETRACER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -48,18 +48,8 @@ def require_server(name: str, host: str, port: int) -> None:
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for the whole run, migrated to head, dropped at the end."""
     require_server("PostgreSQL", "127.0.0.1", 5432)
-    name = f"retracer_test_{uuid.uuid4().hex[:10]}"
-    # pre_ping: the outage tests restart PostgreSQL, which leaves this pool's connection dead.
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    db.upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        # FORCE: a serve process a failed test left behind must not keep the database alive.
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_postgres(PG_ADMIN_URL, "retracer_test") as url:
+        yield url
 
 
 def truncate_all(url: str) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from . import db
 from . import events as ev
 from .applier import Applier, Outcome
 from .errors import RetracerError
@@ -93,3 +97,24 @@ def captured_logs(level: int = logging.INFO) -> Iterator[list[logging.LogRecord]
     finally:
         logger.removeHandler(handler)
         logger.setLevel(before)
+
+
+@contextmanager
+def scratch_postgres(admin_url: str, prefix: str) -> Iterator[str]:
+    """The URL of a new PostgreSQL database migrated to head, dropped at the end even if a process left
+    behind is still connected (tests and benchmarks; ``admin_url`` may create databases)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    # pre_ping: the outage tests restart PostgreSQL, which leaves this pool's connection dead.
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+            db.upgrade(url)
+            yield url
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
