@@ -114,7 +114,6 @@ def _build_ids(value: Any) -> str | None:
 
 PATH = _text(4096)
 NAME = _text(200)
-SHORT = NAME  # event ids and sources
 LEAF = _text(255, pattern=SAFE_NAME, what="a plain directory name (letters, digits, . _ + ~ : @ -)")
 
 #: type -> (needs a job id, required data fields, optional data fields)
@@ -177,7 +176,7 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:
     if extra:
         problems.append(f"unknown envelope fields {extra}; put extra information under data")
     event_id = raw.get("id")
-    if (err := SHORT(event_id)) is not None:
+    if (err := NAME(event_id)) is not None:
         problems.append(f"id {err}")
     etype = raw.get("type")
     spec = TYPES.get(etype) if isinstance(etype, str) else None
@@ -196,7 +195,7 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:
         occurred = parse_time(raw.get("occurred_at"))
     except ValueError as exc:
         problems.append(f"occurred_at {exc}")
-    if (err := SHORT(raw.get("source"))) is not None:
+    if (err := NAME(raw.get("source"))) is not None:
         problems.append(f"source {err}")
     data = raw.get("data")
     if not isinstance(data, dict):
