@@ -45,7 +45,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,20 +83,40 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def family(pid: int | str) -> list[str]:
+    """The process and its children (serve's apply workers), from /proc/PID/task/*/children."""
+    pids = [str(pid)]
+    if pid == "self":
+        return pids
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with suppress(OSError):
+            pids += task.read_text().split()
+    return pids
+
+
 def cpu_s(pid: int | str = "self") -> float:
-    """User + system CPU seconds of a process so far (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of a process and its children (/proc/PID/stat fields 14 and 15)."""
+    total = 0
+    for one in family(pid):
+        try:
+            with open(f"/proc/{one}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # a child that just left
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int | str = "self") -> float:
-    """Resident set size from /proc/PID/status (VmRSS), in MB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident set size (VmRSS) of a process and its children, in MB."""
+    total = 0
+    for one in family(pid):
+        try:
+            with open(f"/proc/{one}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            continue
+    return total / 1024
 
 
 @dataclass
@@ -206,7 +226,8 @@ def applied_span(engine: Engine) -> float:
 def base_env(data_dir: Path, db_url: str, args: argparse.Namespace) -> dict[str, str]:
     return {"RETRACER__SERVICE__DATA_DIR": str(data_dir), "RETRACER__DATABASE__URL": db_url,
             "RETRACER__MAIL__ADMINS": ADMINS, "RETRACER__SERVICE__BATCH_SIZE": str(args.batch_size),
-            "RETRACER__BROKER__PREFETCH": str(args.prefetch)}
+            "RETRACER__BROKER__PREFETCH": str(args.prefetch),
+            "RETRACER__SERVICE__APPLY_WORKERS": str(args.apply_workers)}
 
 
 def broker_names() -> dict[str, str]:
@@ -270,9 +291,12 @@ def publish_all(config: cfg.Config, mix: Mix) -> float:
 # -- 1. RabbitMQ + PostgreSQL through `retracer serve` ---------------------------------------------------
 
 
-def serve_rabbitmq_pg(args: argparse.Namespace, tmp: Path, background: int, label: str) -> dict[str, Any]:
+def serve_rabbitmq_pg(args: argparse.Namespace, tmp: Path, background: int, label: str,
+                      workers: int | None = None) -> dict[str, Any]:
+    """``workers``: service.apply_workers for this run (default --apply-workers)."""
     names = broker_names()
-    out: dict[str, Any] = {"background_jobs": background}
+    workers = workers or args.apply_workers
+    out: dict[str, Any] = {"background_jobs": background, "apply_workers": workers}
     with pg_database(label) as url:
         engine = db.make_engine(url)
         try:
@@ -282,7 +306,8 @@ def serve_rabbitmq_pg(args: argparse.Namespace, tmp: Path, background: int, labe
             data_dir = tmp / f"serve-{label}"
             data_dir.mkdir()
             env = {**base_env(data_dir, url, args), **broker_env(names),
-                   "RETRACER__SERVICE__POLL_INTERVAL_S": str(args.poll_interval)}
+                   "RETRACER__SERVICE__POLL_INTERVAL_S": str(args.poll_interval),
+                   "RETRACER__SERVICE__APPLY_WORKERS": str(workers)}
             config = cfg.load(environ=env)
             say(f"[pg/{label}] publishing {n} events ({mix.jobs} jobs) to {names['queue']}")
             out["publish_per_s"] = round(publish_all(config, mix))
@@ -792,6 +817,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the shipped config's")
     parser.add_argument("--prefetch", type=int, default=None, help="default: the shipped config's")
     parser.add_argument("--poll-interval", type=float, default=None, help="default: the shipped config's")
+    parser.add_argument("--apply-workers", type=int, default=None, help="default: the shipped config's")
     parser.add_argument("--commit-seconds", type=float, default=3.0, help="length of the single-commit loop")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure the 1,000-job runs and the ceilings R times, keep the best of each")
@@ -810,6 +836,7 @@ def main() -> None:
     args.batch_size = args.batch_size or shipped["service"]["batch_size"]
     args.prefetch = args.prefetch or shipped["broker"]["prefetch"]
     args.poll_interval = args.poll_interval or shipped["service"]["poll_interval_s"]
+    args.apply_workers = args.apply_workers or shipped["service"]["apply_workers"]
     small = 1000
 
     logging.getLogger("retracer").addHandler(logging.NullHandler())
@@ -845,11 +872,16 @@ def main() -> None:
             # With --rounds R each of these is measured R times, interleaved, and the best run kept.
             for key, run, rate in (
                 ("pg_small", lambda i=i: serve_rabbitmq_pg(args, tmp, small, f"small{i}"), "events_per_s"),
+                # The same run with one applying process: what the apply workers add, measured side by side.
+                ("pg_one_process", lambda i=i: serve_rabbitmq_pg(args, tmp, small, f"one{i}", workers=1),
+                 "events_per_s"),
                 ("raw_ack", lambda: raw_consume_ack(args, tmp, raw_mix, batch_ack=False), "per_s"),
                 ("raw_batch_ack", lambda: raw_consume_ack(args, tmp, raw_mix, batch_ack=True), "per_s"),
                 ("commit", lambda: pg_single_commit(args.commit_seconds), "per_s"),
                 ("sqlite_small", lambda i=i: serve_sqlite(args, tmp, small, f"small{i}"), "events_per_s"),
             ):
+                if key == "pg_one_process" and args.apply_workers < 2:
+                    continue
                 got = run()
                 if key not in r or got[rate] > r[key][rate]:
                     r[key] = got
@@ -872,6 +904,10 @@ def report(args: argparse.Namespace, r: dict[str, Any], small: int, total: float
         "rabbitmq_pg_vs_single_commit": round(pg["events_per_s"] / r["commit"]["per_s"], 2),
         "rabbitmq_pg_vs_raw_consume_ack": round(pg["events_per_s"] / r["raw_ack"]["per_s"], 3),
         "rabbitmq_pg_vs_raw_consume_batch_ack": round(pg["events_per_s"] / r["raw_batch_ack"]["per_s"], 3),
+        "apply_workers": pg["apply_workers"],
+        "rabbitmq_pg_one_process_events_per_s": r["pg_one_process"]["events_per_s"] if "pg_one_process" in r else None,
+        "apply_workers_speedup": (round(pg["events_per_s"] / r["pg_one_process"]["events_per_s"], 2)
+                                  if "pg_one_process" in r else None),
         "sqlite_big_events_per_s": r["sqlite_big"]["events_per_s"],
         "sqlite_scale_ratio": round(r["sqlite_big"]["events_per_s"] / sq["events_per_s"], 3),
         "rabbitmq_pg_big_events_per_s": r["pg_big"]["events_per_s"] if "pg_big" in r else None,
@@ -896,9 +932,15 @@ def report(args: argparse.Namespace, r: dict[str, Any], small: int, total: float
           f"{shipped_queue_type()} queue, {os.cpu_count()} CPUs, "
           f"PostgreSQL synchronous_commit={res['synchronous_commit']}")
     rows = [
-        ("RabbitMQ + PostgreSQL, `retracer serve`", f"{small:,}", pg["events_per_s"], "events/s",
-         f"{pg['seconds']} s; db-stamped {pg['db_span_events_per_s']}/s; by quarter {pg['quarters_per_s']}"),
+        (f"RabbitMQ + PostgreSQL, `retracer serve` x{pg['apply_workers']}", f"{small:,}", pg["events_per_s"],
+         "events/s", f"{pg['seconds']} s; db-stamped {pg['db_span_events_per_s']}/s; by quarter "
+                     f"{pg['quarters_per_s']}; CPU {pg['serve_cpu_us_per_event']} µs/event"),
     ]
+    if "pg_one_process" in r:
+        o = r["pg_one_process"]
+        rows.append(("  the same, applying in one process", f"{small:,}", o["events_per_s"], "events/s",
+                     f"{o['seconds']} s; by quarter {o['quarters_per_s']}; CPU {o['serve_cpu_us_per_event']} µs/event; "
+                     f"workers' speed-up {res['apply_workers_speedup']}x"))
     if "pg_big" in r:
         b = r["pg_big"]
         rows.append(("RabbitMQ + PostgreSQL, `retracer serve`", f"{args.big:,}", b["events_per_s"], "events/s",
@@ -923,10 +965,10 @@ def report(args: argparse.Namespace, r: dict[str, Any], small: int, total: float
           f"slope -> {pg.get('rss_mb_per_1m_events')} MB per 1M events")
     print(f"  embedded RSS (in-process drain): growth {sq.get('rss_growth_mb')} MB; slope -> "
           f"{sq.get('rss_mb_per_1m_events')} MB per 1M events")
-    for key in ("pg_small", "pg_big", "sqlite_small", "sqlite_big"):
+    for key in ("pg_small", "pg_one_process", "pg_big", "sqlite_small", "sqlite_big"):
         if key in r:
             print(f"  effects {key}: {r[key]['effects']}")
-    for key in ("pg_small", "pg_big"):
+    for key in ("pg_small", "pg_one_process", "pg_big"):
         if key in r:
             print(f"  serve {key}: exit {r[key]['serve_exit']}, stats {r[key]['serve_stats']}")
             if (r[key]["serve_stats"] or {}).get("broker_reconnects"):

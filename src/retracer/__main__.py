@@ -2,4 +2,5 @@
 
 from retracer.cli import main
 
-main()
+if __name__ == "__main__":  # not when multiprocessing imports it
+    main()

@@ -61,6 +61,7 @@ class _Batch:
     new_ids: list[int] = field(default_factory=list)
     created_or_applied: list[int] = field(default_factory=list)
     markers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    given: Sequence[int | None] | None = None
     history: list[tuple[dict[str, Any], Job, list[dict[str, Any]]]] = field(default_factory=list)
 
 
@@ -80,11 +81,13 @@ class Applier:
     # -- events -------------------------------------------------------------------------------------
 
     def apply_batch(self, session: Session, bodies: Sequence[str | bytes | dict[str, Any]],
-                    unseen: bool = False) -> list[Outcome]:
+                    unseen: bool = False, job_ids: Sequence[int | None] | None = None) -> list[Outcome]:
         """Apply events in order inside the caller's transaction; one outcome per body.
 
         ``unseen``: skip the lookup of processed markers; an event applied before then fails the marker
         insert (its primary key), and the caller applies the batch again without ``unseen``.
+        ``job_ids``: per body, the id a crash.submitted among them gets, drawn by the caller (parallel.py
+        routes a new job's later events by it); without it the ids are drawn here.
 
         The batch costs a handful of statements whatever its size: one SELECT for the processed markers
         (none when ``unseen``), one SELECT ... FOR UPDATE for the jobs it names (as plain rows, outside the
@@ -107,9 +110,9 @@ class Applier:
         jobs = {row.id: _job_from_row(row) for row in session.connection().execute(
             select(_JOB_TABLE).where(bulk.among(dialect, _JOB_TABLE.c.id, wanted)).order_by(_JOB_TABLE.c.id)
             .with_for_update())} if wanted else {}
-        batch = _Batch(jobs=jobs, now=utcnow(), policy=policy)
-        submits = sum(1 for e in valid if e.type == "crash.submitted" and e.id not in seen)
-        batch.new_ids = _reserve_ids(session, "job", submits) if submits else []
+        batch = _Batch(jobs=jobs, now=utcnow(), policy=policy, given=job_ids)
+        submits = 0 if job_ids else sum(1 for e in valid if e.type == "crash.submitted" and e.id not in seen)
+        batch.new_ids = reserve_ids(session, "job", submits) if submits else []
         outcomes: list[Outcome] = []
         with session.no_autoflush:
             for body, item in zip(bodies, parsed, strict=True):
@@ -148,7 +151,8 @@ class Applier:
             return self.reject(session, body, event, str(exc), logged=False)
         if new:
             # Its id is reserved now, so later events of this batch find it without a flush.
-            job.id = batch.new_ids.pop(0) if batch.new_ids else _reserve_ids(session, "job", 1)[0]
+            given = batch.given[index] if batch.given else None
+            job.id = given or (batch.new_ids.pop(0) if batch.new_ids else reserve_ids(session, "job", 1)[0])
             batch.created.add(job.id)
         else:
             batch.touched.add(job.id)
@@ -248,7 +252,7 @@ class Applier:
                     session.expunge(job)
         session.flush()  # rejected events and their markers, added the ORM way (rare)
         if batch.history:
-            ids = _reserve_ids(session, "history", len(batch.history))
+            ids = reserve_ids(session, "history", len(batch.history))
             rows, mails = [], []
             for (values, job, wanted), history_id in zip(batch.history, ids, strict=True):
                 rows.append({**values, "id": history_id, "job_id": job.id})
@@ -288,7 +292,7 @@ _NEW_JOB = Job.__mapper__.class_manager.new_instance
 _JOB_COLUMNS = tuple(c.name for c in _JOB_TABLE.columns if c.name not in ("id", "version_id"))
 
 
-def _reserve_ids(session: Session, table: str, count: int) -> list[int]:
+def reserve_ids(session: Session, table: str, count: int) -> list[int]:
     """``count`` unused ids of ``table`` (job or history). PostgreSQL draws them from the sequence in one round
     trip; on SQLite the transaction holds the database's write lock (BEGIN IMMEDIATE), so the ids after the
     largest, including those already reserved in this transaction, are free."""

@@ -192,7 +192,8 @@ def _validate(raw: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], o
                 bad(section, key, "must be a finite number")
     if problems:
         return problems
-    for section, key in [("service", "max_parallel"), ("service", "batch_size"), ("policy", "max_attempts"),
+    for section, key in [("service", "max_parallel"), ("service", "batch_size"), ("service", "apply_workers"),
+                         ("policy", "max_attempts"),
                          ("mail", "pool_size"), ("mail", "flood_threshold"), ("broker", "prefetch")]:
         if raw[section][key] < 1:
             bad(section, key, "must be at least 1")

@@ -53,6 +53,10 @@ class DatabaseNotReady(RetracerError):
     """Raised when the database has no schema or an old one; `retracer db upgrade` fixes it."""
 
 
+class DatabaseUnavailable(RetracerError):
+    """Raised when the database went away or refuses writes while serving; nothing uncommitted was acked."""
+
+
 class BrokerError(RetracerError):
     """Raised when the message broker cannot be reached or refuses a publish."""
 

@@ -29,10 +29,20 @@ def _parse(text: str) -> dict[str, float]:
 
 
 _chosen = _parse(os.environ.get("RETRACER_FAULTS", ""))
+_also: int | None = None
+
+
+def take_down(pid: int) -> None:
+    """An apply worker (parallel.py) dies with its `serve`: a fault point in it kills ``pid`` first, so the
+    suite sees `serve` itself killed at that point, as it would without workers."""
+    global _also
+    _also = pid
 
 
 def point(name: str) -> None:
     """Die here (SIGKILL, no cleanup) if the environment asked for it."""
     probability = _chosen.get(name)
     if probability and random.random() < probability:
+        if _also is not None:
+            os.kill(_also, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -77,8 +77,8 @@ class Stats:
 Chore = Callable[[], int]
 
 
-def _one(applier: Applier, body: str | bytes) -> Callable[[Session], list[Outcome]]:
-    return lambda session: applier.apply_batch(session, [body])
+def _one(applier: Applier, body: str | bytes, job_id: int | None) -> Callable[[Session], list[Outcome]]:
+    return lambda session: applier.apply_batch(session, [body], job_ids=[job_id] if job_id else None)
 
 
 class Service:
@@ -101,24 +101,28 @@ class Service:
 
     # -- applying events --------------------------------------------------------------------------------
 
-    def apply(self, bodies: Sequence[str | bytes], fresh: bool = False) -> list[Outcome]:
+    def apply(self, bodies: Sequence[str | bytes], fresh: bool = False,
+              job_ids: Sequence[int | None] | None = None) -> list[Outcome]:
         """Apply a batch in one transaction, retrying on conflicts; never raises for a bad event.
 
         ``fresh``: the broker delivers these for the first time, so they are most likely new; the batch is
         first applied without looking up their processed-event markers (a SELECT of ~4 ms a batch on
         PostgreSQL). An event applied before still cannot take effect twice: its marker's primary key
         fails the insert, the transaction rolls back, and the batch is applied again with the lookup.
+        ``job_ids``: see Applier.apply_batch.
         """
         outcomes = None
         if fresh:
-            outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies), unseen=True),
-                                      tentative=True)
+            outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies), unseen=True,
+                                                                               job_ids=job_ids), tentative=True)
         if outcomes is None:
-            outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies)))
+            outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies),
+                                                                               job_ids=job_ids))
         if outcomes is None:  # one event breaks the batch: apply them one at a time to isolate it
             outcomes = []
-            for body in bodies:
-                outcomes += self._retrying(_one(self.applier, body), quiet=True) or self._keep_rejected([body])
+            for i, body in enumerate(bodies):
+                outcomes += (self._retrying(_one(self.applier, body, job_ids[i] if job_ids else None), quiet=True)
+                             or self._keep_rejected([body]))
         self.stats.count(outcomes)
         return outcomes
 
@@ -324,10 +328,41 @@ class Service:
     def _run_amqp(self) -> None:
         from .bus.amqp import BatchConsumer
 
-        def handle(bodies: Sequence[bytes], fresh: bool) -> list[bool]:
+        pool = self._apply_pool()
+
+        def handle(bodies: Sequence[bytes], fresh: bool) -> list[bool] | _Verdicts:
+            if pool is not None:
+                return _Verdicts(pool.submit(bodies, fresh), self.stats)
             return [o.status != "rejected" for o in self.apply(bodies, fresh)]
 
-        self.consumer = BatchConsumer(self.config, handle, idle=self.run_chores)
-        if self.stop_event.is_set():
-            return
-        self.consumer.run_until_stopped()
+        try:
+            self.consumer = BatchConsumer(self.config, handle, idle=self.run_chores)
+            if self.stop_event.is_set():
+                return
+            self.consumer.run_until_stopped()
+        finally:
+            if pool is not None:
+                pool.close()
+
+    def _apply_pool(self) -> Any:
+        """Worker processes for the batches (parallel.py), or None to apply here (one worker asked for, or a
+        SQLite database, which takes one writer at a time)."""
+        size = self.config["service"]["apply_workers"]
+        if size < 2 or self.factory.kw["bind"].dialect.name != "postgresql":
+            return None
+        from .parallel import ApplyPool
+
+        return ApplyPool(self.config, self.factory, size)
+
+
+class _Verdicts:
+    """The consumer's view of a batch the apply workers have (bus.amqp.Pending)."""
+
+    def __init__(self, in_flight: Any, stats: Stats) -> None:
+        self.in_flight = in_flight
+        self.stats = stats
+
+    def result(self) -> list[bool]:
+        outcomes: list[Outcome] = self.in_flight.result()
+        self.stats.count(outcomes)
+        return [o.status != "rejected" for o in outcomes]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 from kombu import Connection, Consumer, Exchange, Queue, binding
 from kombu.mixins import ConsumerMixin
@@ -109,8 +109,16 @@ class Publisher:
             self.connection.release()
 
 
+class Pending(Protocol):
+    """A batch being applied elsewhere (parallel.py's workers): ``result()`` waits and gives the verdicts, or
+    raises if the batch could not be committed."""
+
+    def result(self) -> Sequence[bool]: ...
+
+
 #: (bodies, fresh: no delivery of the batch was ever delivered before) -> per body, ack (True) or reject
-BatchHandler = Callable[[Sequence[bytes], bool], Sequence[bool]]
+#: (False), now or once the Pending is settled
+BatchHandler = Callable[[Sequence[bytes], bool], Sequence[bool] | Pending]
 
 
 class RawConsumer(Consumer):
@@ -129,6 +137,11 @@ class BatchConsumer(ConsumerMixin):
     ``handle`` applies and commits the batch and returns, per message, True to ack or False to reject it
     to the dead-letter exchange (an event the service kept in `rejected`). If ``handle`` raises, nothing is
     acked and the channel is recovered, so the batch is delivered again.
+
+    ``handle`` may instead return a Pending (the batch handed to apply workers): the consumer goes on
+    reading the next batch meanwhile, and settles the pending one (waits, acks) when the next batch is
+    full, or when nothing more arrives for batch_wait_ms. One batch at most is pending, and it is settled
+    before the next is handed over, so a batch is never applied before the one ahead of it has committed.
     """
 
     def __init__(self, config: Config, handle: BatchHandler, idle: Callable[[], object],
@@ -142,7 +155,8 @@ class BatchConsumer(ConsumerMixin):
         self.batch_wait = config["service"]["batch_wait_ms"] / 1000
         self.idle_every = config["service"]["poll_interval_s"]
         self.buffer: list[Any] = []
-        self.first_at = 0.0
+        self.pending: tuple[list[Any], Pending] | None = None
+        self.first_at = self.last_at = 0.0
         self.last_idle = 0.0
         self.stopping = False
         self.batches = 0
@@ -156,15 +170,23 @@ class BatchConsumer(ConsumerMixin):
                             prefetch_count=self.config["broker"]["prefetch"], no_ack=False, auto_declare=True)]
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kwargs: Any) -> None:
-        # Deliveries held from a lost channel cannot be acked any more; the broker redelivers them.
+        # Deliveries held from a lost channel cannot be acked any more; the broker redelivers them (a batch
+        # still being applied is waited for, unacked: its replay is a duplicate).
         self.buffer = []
+        if self.pending is not None:
+            _, pending, self.pending = *self.pending, None
+            try:
+                pending.result()
+            except Exception as exc:
+                self._fail(exc)
         log.info("consuming", extra={"queue": self.topology.events.name, "broker": connection.as_uri()})
 
     def on_message(self, message: Any) -> None:
         if self.failure is not None:
-            return  # left unacked: back to the broker, in order, with the channel (see flush)
+            return  # left unacked: back to the broker, in order, with the channel (see _fail)
+        self.last_at = time.monotonic()
         if not self.buffer:
-            self.first_at = time.monotonic()
+            self.first_at = self.last_at
         self.buffer.append(message)
         if len(self.buffer) >= self.batch_size:
             self.flush()
@@ -172,18 +194,40 @@ class BatchConsumer(ConsumerMixin):
     def flush(self) -> None:
         if not self.buffer or self.failure is not None:
             return
+        self.settle()  # the batch ahead commits before this one is handed over
         batch, self.buffer = self.buffer, []
         try:
             verdicts = self.handle([m.body if isinstance(m.body, bytes) else str(m.body).encode() for m in batch],
                                    not any(m.delivery_info.get("redelivered") for m in batch))
         except BaseException as exc:
-            # Nothing more is acked on this channel (a later multiple-ack would cover this batch): the run
-            # ends and the broker takes back every unacked delivery when the channel closes. Not requeued
-            # one by one: a quorum queue puts a requeued message at its back (measured on RabbitMQ 3.10),
-            # behind later events of the same job; the deliveries of a closed channel keep their place.
-            self.failure = exc
-            self.should_stop = True
-            raise
+            self._fail(exc)
+        if isinstance(verdicts, Sequence):
+            self._ack(batch, verdicts)
+        else:
+            self.pending = (batch, verdicts)
+
+    def settle(self) -> None:
+        """Wait for the pending batch, if any, and ack it."""
+        if self.pending is None:
+            return
+        batch, pending = self.pending
+        self.pending = None
+        try:
+            verdicts = pending.result()
+        except BaseException as exc:
+            self._fail(exc)
+        self._ack(batch, verdicts)
+
+    def _fail(self, exc: BaseException) -> NoReturn:
+        # Nothing more is acked on this channel (a later multiple-ack would cover this batch): the run ends and
+        # the broker takes back every unacked delivery when the channel closes. Not requeued one by one: a
+        # quorum queue puts a requeued message at its back (measured on RabbitMQ 3.10), behind later events of
+        # the same job; the deliveries of a closed channel keep their place.
+        self.failure = exc
+        self.should_stop = True
+        raise exc
+
+    def _ack(self, batch: list[Any], verdicts: Sequence[bool]) -> None:
         self.batches += 1
         rejects = [m for m, ok in zip(batch, verdicts, strict=True) if not ok]
         for message in rejects:
@@ -201,6 +245,8 @@ class BatchConsumer(ConsumerMixin):
         now = time.monotonic()
         if self.buffer and (self.stopping or now - self.first_at >= self.batch_wait):
             self.flush()
+        if self.pending is not None and (self.stopping or now - self.last_at >= self.batch_wait):
+            self.settle()  # nothing more is coming for now: no reason to hold its ack
         if self.stopping:
             self.should_stop = True
             return

@@ -14,7 +14,7 @@ from .. import events as ev
 from .. import logs
 from ..applier import Applier
 from ..bus import embedded
-from ..errors import InvalidEvent, RetracerError
+from ..errors import DatabaseUnavailable, InvalidEvent, RetracerError
 from ..models import Audit, ProcessedEvent, Rejected, utcnow
 from ..service import Service
 from . import cli
@@ -36,10 +36,11 @@ def serve(app: AppContext, until_idle: bool, log_level: str) -> None:
     service.install_signal_handlers()
     try:
         service.run(until_idle=until_idle)  # the last log line ("stopped") carries the counters
-    except (OperationalError, InterfaceError) as exc:
+    except (OperationalError, InterfaceError, DatabaseUnavailable) as exc:
         # Nothing is lost: events are acknowledged (or removed from the inbox) only with their commit.
+        orig = getattr(exc, "orig", None)
         raise RetracerError(
-            f"the database cannot be used ({str(exc.orig).strip().splitlines()[0] if exc.orig else exc}); "
+            f"the database cannot be used ({str(orig).strip().splitlines()[0] if orig else exc}); "
             f"serve stopped without acknowledging anything it had not committed. Check the database "
             f"({app.engine.url.render_as_string(hide_password=True)}) and start `retracer serve` again.") from None
 
