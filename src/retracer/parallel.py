@@ -35,6 +35,7 @@ from . import events as ev
 from .applier import Outcome, reserve_ids
 from .config import Config
 from .errors import DatabaseUnavailable, RetracerError
+from .service import Service, unavailable
 
 log = logging.getLogger("retracer.serve")
 
@@ -49,7 +50,6 @@ class ApplyPool:
             raise ValueError("an ApplyPool needs at least two workers; one applies in the serving process")
         self.factory = factory
         self.size = size
-        self.url = config.database_url
         # spawn, not fork: the parent holds connections (database, broker) a forked child must not share.
         context = multiprocessing.get_context("spawn")
         level = logging.getLevelName(logging.getLogger("retracer").getEffectiveLevel())
@@ -187,8 +187,6 @@ class InFlight:
 
 def _work(pipe: Connection, config: Config, level: str, parent: int) -> None:
     """One worker: apply the parts it is sent, reply with their outcomes, until the pipe closes."""
-    from .service import Service, unavailable  # the service module builds pools: imported here, not at the top
-
     _die_with(parent)
     # serve decides when to stop and lets the batch in hand finish; a Ctrl-C sent to the whole process group
     # must not interrupt a worker in the middle of it.
