@@ -30,20 +30,24 @@ def append(session: Session, bodies: Iterable[str]) -> int:
 INBOX_LOCK_KEY = 0x7265_7469  # one advisory lock id for draining the inbox on PostgreSQL
 
 
-def take(session: Session, limit: int) -> list[Inbox]:
-    """The oldest queued events, for this transaction alone.
+def take(session: Session, limit: int) -> list[Any]:
+    """The oldest queued events (rows of ``seq`` and ``body``), for this transaction alone.
 
     Batches are taken one process at a time (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL) so
     that the events of one job are applied in the order they were published, whichever `serve` runs them.
+    Plain rows, not ORM objects: they are read once and deleted (~10% of the embedded apply path as objects).
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": INBOX_LOCK_KEY})
-    return list(session.scalars(select(Inbox).order_by(Inbox.seq).limit(limit)))
+    return list(session.execute(select(Inbox.seq, Inbox.body).order_by(Inbox.seq).limit(limit)))
 
 
-def done(session: Session, rows: Sequence[Inbox]) -> None:
+def done(session: Session, rows: Sequence[Any]) -> None:
     if rows:
-        session.execute(delete(Inbox).where(Inbox.seq.in_([r.seq for r in rows])))
+        # The list, not seq <= the largest: on PostgreSQL a smaller seq can commit after this batch was taken.
+        # No session synchronisation: nothing of the inbox is in the session.
+        session.execute(delete(Inbox).where(Inbox.seq.in_([r.seq for r in rows]))
+                        .execution_options(synchronize_session=False))
 
 
 def pending_count(session: Session) -> int:
