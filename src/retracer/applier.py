@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, select, text
-from sqlalchemy.orm import Session, configure_mappers
+from sqlalchemy.orm import Session
 
 from . import bulk
 from . import events as ev
@@ -24,7 +24,7 @@ from .effects import EFFECTS
 from .errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
 from .guards import TriggerContext
 from .logs import LINES
-from .models import History, Job, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
+from .models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
 from .notify import mail_rows
 from .policy import FailurePolicy
 from .workflow import Change, Workflow, load
@@ -72,7 +72,6 @@ class Applier:
         self.config = config
         self.workflow = workflow or load()
         self.admins: list[str] = list(config["mail"]["admins"])
-        configure_mappers()  # _job_from_row builds instances before any query would have configured them
 
     def policy(self, session: Session) -> FailurePolicy:
         extra = session.scalars(select(SpuriousPattern.pattern).order_by(SpuriousPattern.id)).all()
@@ -141,7 +140,7 @@ class Applier:
         new = event.type == "crash.submitted"
         try:
             if new:
-                job = Job()
+                job = _new_job()
                 change = self.workflow.create(job, ctx)
             else:
                 job = batch.jobs.get(event.job or 0) or self._job(session, event.job)
@@ -248,7 +247,7 @@ class Applier:
         if touched:
             bulk.update_rows(conn, _JOB_TABLE, [_job_values(j, "id") for j in touched], counter="version_id")
             for job in touched:  # written: the ORM must not write them again (an admin's job is in the session)
-                if job in session:
+                if isinstance(job, Job) and job in session:
                     session.expunge(job)
         session.flush()  # rejected events and their markers, added the ORM way (rare)
         if batch.history:
@@ -276,19 +275,19 @@ def _job_values(job: Job, *extra: str) -> dict[str, Any]:
 
 
 def _job_from_row(row: Any) -> Job:
-    """A Job outside any session holding ``row``'s values, loaded as if from the database (no change
-    history). The batch writes its jobs itself; an ORM load (identity map, instance events) would cost
-    ~15 µs a job only to be expunged again."""
-    job: Job = _NEW_JOB()
-    job.__dict__.update(row._mapping)
-    return job
+    """``row``'s job for the batch: a JobRecord, which the effects, guards and machine use as they use a Job
+    (they read and assign columns only), typed as one for them."""
+    return cast(Job, JobRecord(row._mapping))
+
+
+def _new_job() -> Job:
+    return cast(Job, JobRecord())
 
 
 _JOB_TABLE = cast(Table, Job.__table__)
 _HISTORY_TABLE = cast(Table, History.__table__)
 _MAIL_TABLE = cast(Table, Mail.__table__)
 _MARKER_TABLE = cast(Table, ProcessedEvent.__table__)
-_NEW_JOB = Job.__mapper__.class_manager.new_instance
 _JOB_COLUMNS = tuple(c.name for c in _JOB_TABLE.columns if c.name not in ("id", "version_id"))
 
 

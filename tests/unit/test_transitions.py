@@ -30,7 +30,7 @@ from retracer.applier import Applier, Outcome, history_of
 from retracer.config import Config
 from retracer.errors import StateWriteRefused, TransitionRefused
 from retracer.events import TYPES
-from retracer.models import History, Job, Mail, ProcessedEvent, Rejected, utcnow
+from retracer.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, machine_writes, utcnow
 from retracer.service import Service
 from retracer.testing import captured_logs, crash_data, event
 from retracer.workflow import TransitionSpec, load
@@ -619,6 +619,16 @@ class TestStateColumn:
         """Even a job not yet saved cannot be given a state except by the machine."""
         with pytest.raises(StateWriteRefused):
             Job(state="PENDING")
+
+    def test_a_batch_jobs_state_is_the_machines_alone_too(self) -> None:
+        """The batch path's plain JobRecord keeps the rule: only the machine assigns its state."""
+        job = JobRecord({"id": 7, "state": "PENDING"})
+        with pytest.raises(StateWriteRefused, match=re.escape("job 7: state is written only by")):
+            job.state = "FULLYBUILT"
+        assert job.state == "PENDING" and job.worker is None  # type: ignore[attr-defined]
+        with machine_writes():
+            job.state = "RETRACING"
+        assert job.state == "RETRACING"
 
     def test_unknown_job(self, world: World) -> None:
         """An event for a job that does not exist is rejected naming the job."""
