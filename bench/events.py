@@ -688,8 +688,8 @@ def feed_and_watch(args: argparse.Namespace, conn: Any, topology: Any, proc: sub
                 if done >= next_tenth:
                     tenths.append({"events": done, "s": round(now - start, 1), "rss_mb": round(rss_mb(proc.pid), 1),
                                    "events_per_s": round((done - n_prev) / max(now - t_prev, 1e-9))})
-                    say(f"[soak] {done:,} of {n:,} events applied, serve RSS {tenths[-1]['rss_mb']} MB, "
-                        f"{tenths[-1]['events_per_s']} events/s")
+                    say(f"[soak] {done:,} of {n:,} events applied, serve RSS (with its apply workers) "
+                        f"{tenths[-1]['rss_mb']} MB, {tenths[-1]['events_per_s']} events/s")
                     t_prev, n_prev = now, done
                     next_tenth = n * (done * 10 // n + 1) // 10
                 if done >= n:

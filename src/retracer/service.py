@@ -2,8 +2,10 @@
 
 One loop per process. In the embedded mode it drains the inbox table; in RabbitMQ mode a BatchConsumer
 feeds it. Either way a batch of events is applied in one transaction and acknowledged only after the
-commit. Between batches (and at least every poll_interval_s) the chores run: the heartbeat watchdog,
-the dispatcher, the upload spool, the outbox relay and mail delivery, each in its own short transaction.
+commit; with PostgreSQL, by default, in parts by job across apply workers (parallel.py), one transaction
+each, acknowledged once all have committed. Between batches (and at least every poll_interval_s) the chores
+run: the heartbeat watchdog, the dispatcher, the upload spool, the outbox relay and mail delivery, each in its
+own short transaction.
 """
 
 from __future__ import annotations
