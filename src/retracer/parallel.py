@@ -200,7 +200,7 @@ def _work(pipe: Connection, config: Config, level: str, parent: int) -> None:
         while True:
             try:
                 bodies, fresh, job_ids = pipe.recv()
-            except EOFError:
+            except (EOFError, OSError):  # serve closed the pipe, or died (a reset, before PR_SET_PDEATHSIG acts)
                 return
             try:
                 reply: tuple[str, Any] = ("ok", service.apply(bodies, fresh, job_ids))
@@ -210,7 +210,10 @@ def _work(pipe: Connection, config: Config, level: str, parent: int) -> None:
                 else:
                     log.exception("apply worker failed")
                     reply = ("error", f"an apply worker failed: {exc!r}"[:1000])
-            pipe.send(reply)
+            try:
+                pipe.send(reply)
+            except OSError:  # serve is gone; its batch is not acknowledged and will be delivered again
+                return
     finally:
         engine.dispose()
 
