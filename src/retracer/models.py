@@ -158,7 +158,8 @@ class JobRecord:
 
     @property
     def state(self) -> str:
-        return str(self.__dict__["state"])
+        value: str = self.__dict__["state"]  # None until the machine creates the job, as on a new Job
+        return value
 
     @state.setter
     def state(self, value: str) -> None:

@@ -622,6 +622,7 @@ class TestStateColumn:
 
     def test_a_batch_jobs_state_is_the_machines_alone_too(self) -> None:
         """The batch path's plain JobRecord keeps the rule: only the machine assigns its state."""
+        assert JobRecord().state is None
         job = JobRecord({"id": 7, "state": "PENDING"})
         with pytest.raises(StateWriteRefused, match=re.escape("job 7: state is written only by")):
             job.state = "FULLYBUILT"
