@@ -81,11 +81,6 @@ class ApplyPool:
                 busy.append((number, part))
         return InFlight(self, len(bodies), busy)
 
-    def apply(self, bodies: Sequence[bytes], fresh: bool) -> list[Outcome]:
-        """Apply one batch over the workers; one outcome per body, in order. Raises (and nothing may be
-        acknowledged) when a part could not be committed."""
-        return self.submit(bodies, fresh).result()
-
     def _send(self, number: int, request: Any) -> None:
         try:
             self.pipes[number].send(request)

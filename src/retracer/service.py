@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -30,6 +30,9 @@ from .bus import embedded
 from .config import Config
 from .errors import RetracerError
 from .models import Outbox, utcnow
+
+if TYPE_CHECKING:  # parallel.py imports this module: at run time it is imported where a pool is built
+    from .parallel import ApplyPool, InFlight
 
 log = logging.getLogger("retracer.serve")
 
@@ -346,7 +349,7 @@ class Service:
             if pool is not None:
                 pool.close()
 
-    def _apply_pool(self) -> Any:
+    def _apply_pool(self) -> ApplyPool | None:
         """Worker processes for the batches (parallel.py), or None to apply here (one worker asked for, or a
         SQLite database, which takes one writer at a time)."""
         size = self.config["service"]["apply_workers"]
@@ -360,11 +363,11 @@ class Service:
 class _Verdicts:
     """The consumer's view of a batch the apply workers have (bus.amqp.Pending)."""
 
-    def __init__(self, in_flight: Any, stats: Stats) -> None:
+    def __init__(self, in_flight: InFlight, stats: Stats) -> None:
         self.in_flight = in_flight
         self.stats = stats
 
     def result(self) -> list[bool]:
-        outcomes: list[Outcome] = self.in_flight.result()
+        outcomes = self.in_flight.result()
         self.stats.count(outcomes)
         return [o.status != "rejected" for o in outcomes]

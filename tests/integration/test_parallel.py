@@ -80,7 +80,7 @@ class TestPool:
         split_first = in_flight.result()
         assert summary(split_first) == summary(one.apply(first, fresh=True))
         second = second_batch(first[0])
-        split_second = pool.apply(second, fresh=False)
+        split_second = pool.submit(second, fresh=False).result()
         assert summary(split_second) == summary(one.apply(second, fresh=False))
 
         statuses = [o.status for o in split_second]
@@ -98,8 +98,8 @@ class TestPool:
         with the lookup."""
         pool, _ = pooled
         first = first_batch()
-        pool.apply(first, fresh=True)
-        again = pool.apply(first, fresh=True)
+        pool.submit(first, fresh=True).result()
+        again = pool.submit(first, fresh=True).result()
         assert [o.status for o in again] == ["duplicate"] * len(first)
 
     def test_a_dead_worker_is_a_clear_error(self, pooled: tuple[ApplyPool, sessionmaker[Session]]) -> None:
@@ -108,7 +108,7 @@ class TestPool:
         pool.workers[1].join(timeout=10)
         with pytest.raises(RetracerError, match=r"apply worker 1 \(pid \d+\) died \(killed by SIGKILL\); serve "
                                                 r"stops without acknowledging the batch in hand"):
-            pool.apply(first_batch(), fresh=True)
+            pool.submit(first_batch(), fresh=True).result()
 
 
 # -- through `serve` -----------------------------------------------------------------------------------------

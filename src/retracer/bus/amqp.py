@@ -174,7 +174,8 @@ class BatchConsumer(ConsumerMixin):
         # still being applied is waited for, unacked: its replay is a duplicate).
         self.buffer = []
         if self.pending is not None:
-            _, pending, self.pending = *self.pending, None
+            pending = self.pending[1]
+            self.pending = None
             try:
                 pending.result()
             except Exception as exc:
