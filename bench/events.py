@@ -55,11 +55,11 @@ from sqlalchemy import event, insert, text
 from sqlalchemy.engine import Engine, make_url
 
 from retracer import config as cfg
-from retracer import db, logs
 from retracer import events as ev
-from retracer.models import Inbox
+from retracer import logs, store
 from retracer.service import Service
-from retracer.testing import crash_data, scratch_postgres
+from retracer.store.models import Inbox
+from retracer.testing.factories import crash_data, scratch_postgres
 
 AMQP_URL = os.environ.get("RETRACER_BENCH_AMQP", "pyamqp://guest:guest@127.0.0.1:5672//")
 PG_ADMIN_URL = os.environ.get("RETRACER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -298,7 +298,7 @@ def serve_rabbitmq_pg(args: argparse.Namespace, tmp: Path, background: int, labe
     workers = workers or args.apply_workers
     out: dict[str, Any] = {"background_jobs": background, "apply_workers": workers}
     with pg_database(label) as url:
-        engine = db.make_engine(url)
+        engine = store.make_engine(url)
         try:
             out["background_insert_s"] = round(insert_background_jobs(engine, background), 1)
             mix = event_mix(args.events, next_job_id(engine))
@@ -542,8 +542,8 @@ def prepare_sqlite(args: argparse.Namespace, tmp: Path, background: int, label: 
                    n_events: int) -> tuple[Service, Engine, Mix, Path]:
     data_dir = tmp / f"sqlite-{label}"
     url = f"sqlite:///{data_dir / 'retracer.db'}"
-    db.upgrade(url)
-    engine = db.make_engine(url)
+    store.upgrade(url)
+    engine = store.make_engine(url)
     if background:
         say(f"[sqlite/{label}] inserting {background:,} background jobs")
         insert_background_jobs(engine, background)
@@ -551,7 +551,7 @@ def prepare_sqlite(args: argparse.Namespace, tmp: Path, background: int, label: 
     fill_inbox(engine, mix.bodies)
     config = cfg.load(environ={**base_env(data_dir, url, args),
                                "RETRACER__SERVICE__POLL_INTERVAL_S": str(args.poll_interval)})
-    return Service(config, db.session_factory(engine)), engine, mix, data_dir
+    return Service(config, store.session_factory(engine)), engine, mix, data_dir
 
 
 def serve_sqlite(args: argparse.Namespace, tmp: Path, background: int, label: str, n_events: int | None = None,
@@ -627,7 +627,7 @@ def soak(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     names = broker_names()
     out: dict[str, Any] = {"events": n}
     with pg_database("soak") as url:
-        engine = db.make_engine(url)
+        engine = store.make_engine(url)
         try:
             insert_background_jobs(engine, 1000)
             first_job = next_job_id(engine)
@@ -760,13 +760,13 @@ def profile(args: argparse.Namespace, tmp: Path) -> None:
 
     # PostgreSQL: Service.apply on batches, as BatchConsumer hands them over (no broker in the way).
     with pg_database("profile") as url:
-        engine = db.make_engine(url)
+        engine = store.make_engine(url)
         insert_background_jobs(engine, 1000)
         mix = event_mix(n_events, next_job_id(engine))
         data_dir = tmp / "pg-profile"
         data_dir.mkdir()
         config = cfg.load(environ=base_env(data_dir, url, args))
-        service = Service(config, db.session_factory(engine))
+        service = Service(config, store.session_factory(engine))
         bodies = [b.encode() for b in mix.bodies]
         tally = count_statements(engine)
         prof = cProfile.Profile()

@@ -25,12 +25,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import config as cfg
-from retracer import db
-from retracer.applier import Applier
+from retracer import store
+from retracer.apply.applier import Applier
 from retracer.mail.sender import Sender
 from retracer.mail.transports import SmtpTransport
-from retracer.models import Mail
-from retracer.testing import event, submit
+from retracer.store.models import Mail
+from retracer.testing.factories import event, submit
 
 ADMINS = "celso@example.com,foo.bar@example.com"
 
@@ -65,7 +65,7 @@ def smtp_server() -> Iterator[str]:
 
 def fill_outbox(applier: Applier, factory: sessionmaker[Session], count: int) -> int:
     """Fail uploads until at least ``count`` mails are pending (three per job: two admins, the creator)."""
-    with db.transaction(factory) as session:
+    with store.transaction(factory) as session:
         for _ in range((count + 2) // 3):
             job = submit(applier, session)
             applier.apply_batch(session, [event("retrace.started", job, worker="bench"),
@@ -74,7 +74,7 @@ def fill_outbox(applier: Applier, factory: sessionmaker[Session], count: int) ->
 
 
 def reset_outbox(factory: sessionmaker[Session]) -> None:
-    with db.transaction(factory) as session:
+    with store.transaction(factory) as session:
         session.execute(update(Mail).values(status="pending", sent_at=None, next_attempt_at=None,
                                             message_id=None, attempts=0, last_error=None))
 
@@ -103,15 +103,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, smtp_server() as url:
         db_url = args.db_url or f"sqlite:///{Path(tmp) / 'retracer.db'}"
-        db.upgrade(db_url)
+        store.upgrade(db_url)
         config = cfg.load(environ={
             "RETRACER__SERVICE__DATA_DIR": tmp, "RETRACER__DATABASE__URL": db_url, "RETRACER__MAIL__ADMINS": ADMINS,
             "RETRACER__MAIL__URL": url, "RETRACER__MAIL__POOL_SIZE": str(args.pool_size),
             # The bench measures delivery, not flood control: let every mail through.
             "RETRACER__MAIL__FLOOD_THRESHOLD": str(10 * args.count),
         })
-        engine = db.make_engine(db_url)
-        factory = db.session_factory(engine)
+        engine = store.make_engine(db_url)
+        factory = store.session_factory(engine)
         count = fill_outbox(Applier(config), factory, args.count)
         modes = {
             f"pooled sender ({args.pool_size} reused connections)": lambda: SmtpTransport.from_config(config),

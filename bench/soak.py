@@ -46,13 +46,13 @@ def instance(mode: str, workdir: Path) -> Iterator[tuple[Instance, Callable[[], 
     from sqlalchemy import create_engine, text
     from tests.conftest import AMQP_URL, PG_ADMIN_URL, _port_open
 
-    from retracer import db
+    from retracer import store
 
     if mode == "embedded":
         data = workdir / "data"
         url = f"sqlite:///{data / 'retracer.db'}"
         data.mkdir(parents=True)
-        db.upgrade(url)
+        store.upgrade(url)
         local = Instance(data, url, broker=False)
         configure(local)
         try:
@@ -61,7 +61,7 @@ def instance(mode: str, workdir: Path) -> Iterator[tuple[Instance, Callable[[], 
             local.close()
         return
 
-    from retracer.mail.testing import CaptureServer
+    from retracer.testing.smtp import CaptureServer
 
     for name, port in (("PostgreSQL", 5432), ("RabbitMQ", 5672)):
         if not _port_open("127.0.0.1", port):
@@ -74,7 +74,7 @@ def instance(mode: str, workdir: Path) -> Iterator[tuple[Instance, Callable[[], 
     server = CaptureServer().start()
     inst: Instance | None = None
     try:
-        db.upgrade(url)
+        store.upgrade(url)
         inst = Instance(workdir / "data", url, broker=True)
         assert inst.env["RETRACER__BROKER__URL"] == AMQP_URL
         configure(inst, mail_url=server.url)

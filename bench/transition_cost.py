@@ -40,12 +40,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from retracer import config as cfg
-from retracer import db
-from retracer.applier import Applier
-from retracer.guards import TriggerContext
-from retracer.models import History, Job, ProcessedEvent, utcnow
-from retracer.testing import crash_data, event, scratch_postgres
+from retracer import store
+from retracer.apply.applier import Applier
+from retracer.store.models import History, Job, ProcessedEvent, utcnow
+from retracer.testing.factories import crash_data, event, scratch_postgres
 from retracer.workflow import load
+from retracer.workflow.guards import TriggerContext
 
 BATCH = 200
 PG_ADMIN_URL = os.environ.get("RETRACER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -69,7 +69,7 @@ BACKGROUND_MIX = [("FULLYBUILT", 90), ("PENDING", 4), ("ON_HOLD", 3), ("FAILEDTO
 def sqlite_database() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="retracer-bench-") as tmp:
         url = f"sqlite:///{Path(tmp) / 'retracer.db'}"
-        db.upgrade(url)
+        store.upgrade(url)
         yield url
 
 
@@ -126,17 +126,17 @@ def fill(engine: Engine, count: int) -> float:
 
 
 def apply_all(applier: Applier, engine: Engine, bodies: list[str]) -> list[Any]:
-    factory = db.session_factory(engine)
+    factory = store.session_factory(engine)
     outcomes = []
     for start in range(0, len(bodies), BATCH):
-        with db.transaction(factory) as session:
+        with store.transaction(factory) as session:
             outcomes += applier.apply_batch(session, bodies[start:start + BATCH])
     return outcomes
 
 
 def drive(url: str, jobs: int) -> tuple[int, int, float]:
     """Drive ``jobs`` new jobs through LIFE; return (transitions, transactions, seconds)."""
-    engine = db.make_engine(url)
+    engine = store.make_engine(url)
     try:
         with tempfile.TemporaryDirectory(prefix="retracer-bench-data-") as data_dir:
             config = cfg.load(environ={"RETRACER__SERVICE__DATA_DIR": data_dir, "RETRACER__DATABASE__URL": url,
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in databases:
         for size in sizes:
             with make() as url:
-                engine = db.make_engine(url)
+                engine = store.make_engine(url)
                 fill_s = fill(engine, size)
                 engine.dispose()
                 drive(url, warm_jobs)  # warm-up: connections, statement caches, the machine; not counted

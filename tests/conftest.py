@@ -17,9 +17,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import config as cfg
-from retracer import db
-from retracer.models import Base
-from retracer.testing import scratch_postgres
+from retracer import store
+from retracer.store.models import Base
+from retracer.testing.factories import scratch_postgres
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("RETRACER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -64,7 +64,7 @@ def truncate_all(url: str) -> None:
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A migrated SQLite file, copied for each test (migrating each time would cost ~0.1 s a test)."""
     path = tmp_path_factory.mktemp("template") / "retracer.db"
-    db.upgrade(f"sqlite:///{path}")
+    store.upgrade(f"sqlite:///{path}")
     return path
 
 
@@ -105,11 +105,11 @@ def config(tmp_path: Path, db_url: str) -> cfg.Config:
 
 @pytest.fixture
 def engine(config: cfg.Config) -> Iterator[Engine]:
-    engine = db.make_engine(config.database_url)
+    engine = store.make_engine(config.database_url)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
 def factory(engine: Engine) -> sessionmaker[Session]:
-    return db.session_factory(engine)
+    return store.session_factory(engine)

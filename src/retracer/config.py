@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ConfigError
+from retracer.errors import ConfigError
 
 ENV_PREFIX = "RETRACER__"
 EMAIL = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+$")

@@ -23,12 +23,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import config as cfg
-from . import db, spool
-from . import events as ev
-from .bus import embedded
-from .errors import RetracerError
-from .models import History, Job
+from retracer import config as cfg
+from retracer import events as ev
+from retracer import store
+from retracer.bus import embedded
+from retracer.errors import RetracerError
+from retracer.store.models import History, Job
+from retracer.uploads import spool
 
 ADMINS = ["ada.admin@example.com", "bob.admin@example.com"]
 GOOD_BACKTRACE = """\
@@ -139,9 +140,9 @@ def run(root: Path, out: Callable[[str], None] = print, timeout: float = 55.0) -
     out("  publishes (retrace.started, retrace.heartbeat, retrace.failed) and write uploads into the spool")
     out("  the way a real uploader does, with outcomes scripted for the story. Everything else is retracer.")
     out("")
-    db.upgrade(config.database_url)
-    engine = db.make_engine(config.database_url)
-    factory = db.session_factory(engine)
+    store.upgrade(config.database_url)
+    engine = store.make_engine(config.database_url)
+    factory = store.session_factory(engine)
     spool.ensure_layout(config.spool_dir)
     log = open(root / "serve.log", "ab")  # noqa: SIM115  # held for the server's lifetime
     server = subprocess.Popen([sys.executable, "-m", "retracer", "serve"], env=story.env(), stdout=log,
@@ -159,7 +160,7 @@ def run(root: Path, out: Callable[[str], None] = print, timeout: float = 55.0) -
 
 
 def _publish(factory: sessionmaker[Session], *events: ev.Event) -> None:
-    with db.transaction(factory) as session:
+    with store.transaction(factory) as session:
         embedded.append(session, [e.to_json() for e in events])
 
 
@@ -179,7 +180,7 @@ def _play(story: Story, config: cfg.Config, factory: sessionmaker[Session], serv
             story.problems.append(f"`retracer serve` exited with status {server.returncode}; see serve.log")
             return
         _show_transitions(story, factory)
-        with db.transaction(factory) as session:
+        with store.transaction(factory) as session:
             requests = embedded.take_work(session, 10)
         for request in requests:
             _work(story, config, factory, request)
@@ -248,7 +249,7 @@ def _states(factory: sessionmaker[Session]) -> dict[int, str]:
 
 
 def _mails_pending(factory: sessionmaker[Session]) -> bool:
-    from .models import Mail
+    from retracer.store.models import Mail
 
     with factory() as session:
         return session.scalar(select(Mail.id).where(Mail.status != "sent").limit(1)) is not None

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from retracer.testing import Shell
+from retracer.testing.factories import Shell
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from retracer.mail.testing import CaptureServer
+from retracer.testing.smtp import CaptureServer
 from tests.integration.conftest import Instance, embedded, scaled  # noqa: F401  (fixtures used here)
 
 

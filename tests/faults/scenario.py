@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from retracer import config as cfg
 from retracer import events as ev
-from retracer.faults import POINTS
+from retracer.testing.faults import POINTS
 from tests.integration.conftest import RETRACER, Instance
 
 FINAL_STATE = {"accepted": "FULLYBUILT", "upload_failed": "FAILEDTOUPLOAD", "held": "ON_HOLD"}
@@ -213,11 +213,11 @@ class InboxBus:
     inbox table in one transaction), without starting a process per chunk."""
 
     def __init__(self, inst: Instance) -> None:
-        from retracer import db
+        from retracer import store
 
         self.config = cfg.load(environ=inst.env)
-        self.engine = db.make_engine(self.config.database_url)
-        self.factory = db.session_factory(self.engine)
+        self.engine = store.make_engine(self.config.database_url)
+        self.factory = store.session_factory(self.engine)
 
     def publish(self, events: Sequence[Event]) -> None:
         from retracer.bus import embedded

@@ -23,7 +23,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from retracer.events import storable
-from retracer.mail.testing import CaptureServer
+from retracer.testing.smtp import CaptureServer
 
 from ..integration.conftest import Instance
 from .scenario import (
@@ -246,7 +246,7 @@ class RawInbox:
 
     def send(self, bodies: Sequence[str | bytes]) -> None:
         from retracer.bus import embedded
-        from retracer.db import session_factory
+        from retracer.store import session_factory
 
         with session_factory(self.inst.engine)() as session, session.begin():
             embedded.append(session, [b if isinstance(b, str) else b.decode() for b in bodies])

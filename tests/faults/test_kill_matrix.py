@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from retracer.mail.testing import CaptureServer
+from retracer.testing.smtp import CaptureServer
 
 from ..integration.conftest import Instance
 from .scenario import (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from retracer.mail.testing import CaptureServer
+from retracer.testing.smtp import CaptureServer
 
 from ..conftest import IN_CI
 from ..integration.conftest import Instance

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from retracer import db
+from retracer import store
 
 from ..conftest import AMQP_URL, require_server
 
@@ -47,7 +47,7 @@ class Instance:
             for key, value in self.names.items():
                 self.env[f"RETRACER__BROKER__{key.upper()}"] = value
         self.servers: list[subprocess.Popen[bytes]] = []
-        self.engine = db.make_engine(db_url)
+        self.engine = store.make_engine(db_url)
 
     def set(self, **settings: str) -> None:
         """Override settings, e.g. set(SERVICE__MAX_PARALLEL="2")."""

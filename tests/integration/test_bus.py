@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from retracer.testing import crash_data, event
+from retracer.testing.factories import crash_data, event
 
 from .conftest import Instance
 

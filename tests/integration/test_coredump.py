@@ -15,8 +15,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
 
-from retracer import coredump
-from retracer.coredump import CoreFileError
+from retracer.worker import coredump
+from retracer.worker.coredump import CoreFileError
 
 PROGRAM = "#include <stdlib.h>\nint main(void) { abort(); }\n"
 

@@ -16,15 +16,15 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from retracer import db
-from retracer.applier import Applier
+from retracer import store
+from retracer.apply.applier import Applier
 from retracer.cli import cli
 from retracer.config import Config
 from retracer.mail.render import DIGEST
 from retracer.mail.sender import Sender, backoff, deliver_pending
-from retracer.mail.testing import CaptureServer
-from retracer.models import Mail, utcnow
-from retracer.testing import event, submit
+from retracer.store.models import Mail, utcnow
+from retracer.testing.factories import event, submit
+from retracer.testing.smtp import CaptureServer
 
 from ..conftest import make_config
 
@@ -46,8 +46,8 @@ class Instance:
         self.env = {"RETRACER__SERVICE__DATA_DIR": str(tmp_path / "data"), "RETRACER__DATABASE__URL": db_url,
                     "RETRACER__MAIL__ADMINS": ",".join(ADMINS), **env}
         self.config: Config = make_config(tmp_path / "data", db_url, **env)
-        self.engine = db.make_engine(db_url)
-        self.factory: sessionmaker[Session] = db.session_factory(self.engine)
+        self.engine = store.make_engine(db_url)
+        self.factory: sessionmaker[Session] = store.session_factory(self.engine)
         self.applier = Applier(self.config)
 
     def failed_upload(self, **crash: Any) -> tuple[int, list[dict[str, Any]]]:

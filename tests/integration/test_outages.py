@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from retracer.testing import crash_data, event
+from retracer.testing.factories import crash_data, event
 
 from ..conftest import IN_CI
 from .conftest import Instance

@@ -17,11 +17,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from retracer import db
+from retracer import store
+from retracer.apply.pool import ApplyPool
 from retracer.errors import RetracerError
-from retracer.parallel import ApplyPool
 from retracer.service import Service
-from retracer.testing import crash_data, event
+from retracer.testing.factories import crash_data, event
 
 from ..conftest import make_config, truncate_all
 from .conftest import Instance
@@ -61,8 +61,8 @@ def summary(outcomes: list[Any]) -> list[tuple[Any, ...]]:
 @pytest.fixture
 def pooled(tmp_path: Path, pg_database: str) -> Iterator[tuple[ApplyPool, sessionmaker[Session]]]:
     truncate_all(pg_database)
-    engine = db.make_engine(pg_database)
-    factory = db.session_factory(engine)
+    engine = store.make_engine(pg_database)
+    factory = store.session_factory(engine)
     pool = ApplyPool(make_config(tmp_path / "data", pg_database), factory, 2)
     yield pool, factory
     pool.close()
@@ -73,7 +73,7 @@ class TestPool:
     def test_a_batch_split_over_two_workers_comes_out_as_in_one_process(
             self, pooled: tuple[ApplyPool, sessionmaker[Session]], tmp_path: Path, sqlite_url: str) -> None:
         pool, factory = pooled
-        one = Service(make_config(tmp_path / "one", sqlite_url), db.session_factory(db.make_engine(sqlite_url)))
+        one = Service(make_config(tmp_path / "one", sqlite_url), store.session_factory(store.make_engine(sqlite_url)))
         first = first_batch()
         in_flight = pool.submit(first, fresh=True)
         assert len(in_flight.parts) == 2, "both workers got a part"

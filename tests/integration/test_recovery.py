@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from retracer import spool
-from retracer.testing import crash_data, event
+from retracer.testing.factories import crash_data, event
+from retracer.uploads import spool
 
 from .conftest import Instance
 

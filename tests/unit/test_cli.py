@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from retracer import config as cfg
-from retracer import db
-from retracer.applier import Applier
+from retracer import store
+from retracer.apply.applier import Applier
 from retracer.cli import cli
-from retracer.testing import event
+from retracer.testing.factories import event
 from retracer.workflow import load, mermaid
 
 SUBMIT = ("submit --crash-id {crash} --creator mark@example.com --package cdrkit --version 1.0 "
@@ -30,8 +30,8 @@ class Retracer:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
         self.config = cfg.load(environ=env)
-        self.engine = db.make_engine(self.config.database_url)
-        self.factory = db.session_factory(self.engine)
+        self.engine = store.make_engine(self.config.database_url)
+        self.factory = store.session_factory(self.engine)
 
     def run(self, line: str) -> Result:
         return CliRunner().invoke(cli, line.split(), env=self.env)
@@ -48,12 +48,12 @@ class Retracer:
         return int(self.ok(SUBMIT.format(crash=crash) + extra))
 
     def apply(self, etype: str, job: int, **data: Any) -> None:
-        with db.transaction(self.factory) as session:
+        with store.transaction(self.factory) as session:
             (outcome,) = Applier(self.config).apply_batch(session, [event(etype, job, source="w", **data)])
         assert outcome.status == "applied", outcome
 
     def fire(self, job: int, trigger: str, **kwargs: Any) -> None:
-        with db.transaction(self.factory) as session:
+        with store.transaction(self.factory) as session:
             Applier(self.config).fire(session, job, trigger, by="admin:celso", **kwargs)
 
 
@@ -295,7 +295,7 @@ class TestDatabase:
     def test_upgrade_then_use(self, fresh: Retracer, tmp_path: Path) -> None:
         """db upgrade creates the schema under the data directory, is safe to repeat, and the CLI then works."""
         first = fresh.ok("db upgrade")
-        assert first == f"database sqlite:///{tmp_path}/fresh/retracer.db is at revision {db.head_revision()}\n"
+        assert first == f"database sqlite:///{tmp_path}/fresh/retracer.db is at revision {store.head_revision()}\n"
         assert fresh.ok("db upgrade") == first
         assert fresh.submit("c1") == 1
         assert fresh.json("jobs")[0]["crash_id"] == "c1"

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from retracer import config as cfg
+from retracer.apply.pool import split
 from retracer.bus.amqp import BatchConsumer
-from retracer.parallel import split
-from retracer.testing import crash_data, event
+from retracer.testing.factories import crash_data, event
 
 
 def body(etype: str, job: int | None, n: int) -> bytes:

@@ -11,11 +11,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import config as cfg
-from retracer.applier import Applier
+from retracer.apply.applier import Applier
 from retracer.bus import embedded
-from retracer.models import Inbox, Job, Rejected
 from retracer.service import Service
-from retracer.testing import captured_logs, crash_data, event
+from retracer.store.models import Inbox, Job, Rejected
+from retracer.testing.factories import captured_logs, crash_data, event
 
 
 def poison(service: Service, marker: str, error: Exception) -> None:

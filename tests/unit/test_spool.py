@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from retracer import events, spool
+from retracer import events
 from retracer.errors import ConfigError, UploadRejected
-from retracer.spool import ExpectedJob, Limits
+from retracer.uploads import spool
+from retracer.uploads.spool import ExpectedJob, Limits
 
 LIMITS = Limits(max_file_bytes=64 * 1024, max_upload_bytes=100 * 1024)
 BUILD_ID = "a3f5c0ffee0123456789abcdef0123456789abcd"

@@ -24,15 +24,16 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from retracer import bulk, db
 from retracer import config as cfg
-from retracer.applier import Applier, Outcome, history_of
+from retracer import store
+from retracer.apply.applier import Applier, Outcome, history_of
 from retracer.config import Config
 from retracer.errors import StateWriteRefused, TransitionRefused
 from retracer.events import TYPES
-from retracer.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, machine_writes, utcnow
 from retracer.service import Service
-from retracer.testing import captured_logs, crash_data, event
+from retracer.store import bulk
+from retracer.store.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, machine_writes, utcnow
+from retracer.testing.factories import captured_logs, crash_data, event
 from retracer.workflow import TransitionSpec, load
 
 WF = load()
@@ -64,15 +65,15 @@ class World:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.engine = db.make_engine(config.database_url)
-        self.factory: sessionmaker[Session] = db.session_factory(self.engine)
+        self.engine = store.make_engine(config.database_url)
+        self.factory: sessionmaker[Session] = store.session_factory(self.engine)
         self.applier = Applier(config)
 
     def close(self) -> None:
         self.engine.dispose()
 
     def apply(self, *bodies: Any) -> list[Outcome]:
-        with db.transaction(self.factory) as session:
+        with store.transaction(self.factory) as session:
             return self.applier.apply_batch(session, list(bodies))
 
     def applied(self, body: dict[str, Any]) -> Outcome:
@@ -81,7 +82,7 @@ class World:
         return outcome
 
     def fire(self, job_id: int, trigger: str, by: str = ADMIN, **kwargs: Any) -> None:
-        with db.transaction(self.factory) as session:
+        with store.transaction(self.factory) as session:
             self.applier.fire(session, job_id, trigger, by=by, **kwargs)
 
     def ev(self, etype: str, job_id: int | None, **data: Any) -> dict[str, Any]:
@@ -416,7 +417,7 @@ class TestGuards:
         for data in ({"leaf": "upload-1"}, {"leaf": "upload-1", "upload_log": ""},
                      {"leaf": "upload-1", "upload_log": " \n\t "}, {"leaf": "upload-1", "upload_log": None}):
             with pytest.raises(TransitionRefused, match=r"'upload_failed' refused \(guard has_upload_log not met"), \
-                    db.transaction(world.factory) as session:
+                    store.transaction(world.factory) as session:
                 world.applier.fire(session, job_id, "upload_failed", by=world.SERVICE, data=data)
         assert _snapshot(world, job_id) == before
 
@@ -480,7 +481,7 @@ class TestGuards:
         before = _snapshot(world, job_id)
         for reason in (None, "", "  \n"):
             with pytest.raises(TransitionRefused, match=r"'hold' refused \(guard has_reason not met"), \
-                    db.transaction(world.factory) as session:
+                    store.transaction(world.factory) as session:
                 world.applier.fire(session, job_id, "hold", by=world.ADMIN, reason=reason)
         assert _snapshot(world, job_id) == before
 
@@ -574,7 +575,7 @@ class TestBulkWrites:
         write the first one's rows again (the version counter moves once per write)."""
         a, b = world.submit(), world.submit()
         table = Job.__table__
-        with db.transaction(world.factory) as session:
+        with store.transaction(world.factory) as session:
             conn = session.connection()
             bulk.update_rows(conn, table, [{"id": a, "worker": "first"}], counter="version_id")
             bulk.update_rows(conn, table, [{"id": b, "worker": "second"}], counter="version_id")
@@ -585,13 +586,13 @@ class TestBulkWrites:
         """The column type's check holds on the COPY path as in an INSERT: a time without a zone is refused."""
         job_id = world.submit()
         with pytest.raises((ValueError, StatementError), match="naive datetime"), \
-                db.transaction(world.factory) as session:
+                store.transaction(world.factory) as session:
             bulk.update_rows(session.connection(), Job.__table__, [{"id": job_id, "started_at": datetime(2026, 1, 1)}])
         assert world.job(job_id).started_at is None
 
     def test_insert_fills_defaults_and_json(self, world: World) -> None:
         job_id = world.submit()
-        with db.transaction(world.factory) as session:
+        with store.transaction(world.factory) as session:
             history_id = session.scalar(select(func.max(History.id)))
             bulk.insert_rows(session.connection(), Mail.__table__, [
                 {"job_id": job_id, "history_id": history_id, "state": "PENDING", "recipient": "x@example.com",

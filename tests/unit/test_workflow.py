@@ -10,12 +10,12 @@ from importlib import resources
 
 import pytest
 
-from retracer.effects import EFFECTS
 from retracer.errors import TransitionRefused, WorkflowError
 from retracer.events import TYPES
-from retracer.guards import GUARDS, TriggerContext
-from retracer.models import STATES, Job
+from retracer.store.models import STATES, Job
 from retracer.workflow import Workflow, load, mermaid, parse
+from retracer.workflow.effects import EFFECTS
+from retracer.workflow.guards import GUARDS, TriggerContext
 
 SHIPPED = resources.files("retracer.states").joinpath("workflow.toml").read_text(encoding="utf-8")
 

@@ -24,10 +24,10 @@ from typing import Any, NoReturn, Protocol
 from kombu import Connection, Consumer, Exchange, Queue, binding
 from kombu.mixins import ConsumerMixin
 
-from .. import faults
-from ..config import Config
-from ..errors import BrokerError
-from ..events import TYPES, WORK_REQUEST
+from retracer.config import Config
+from retracer.errors import BrokerError
+from retracer.events import TYPES, WORK_REQUEST
+from retracer.testing import faults
 
 log = logging.getLogger("retracer.amqp")
 

@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
-from ..events import WORK_REQUEST
-from ..models import Inbox, Job, Outbox, utcnow
+from retracer.events import WORK_REQUEST
+from retracer.store.models import Inbox, Job, Outbox, utcnow
 
 
 def append(session: Session, bodies: Iterable[str]) -> int:

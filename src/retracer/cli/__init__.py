@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from .. import logs
-from ..errors import RetracerError
-from .context import AppContext
+from retracer import logs
+from retracer.cli.context import AppContext
+from retracer.errors import RetracerError
 
 
 class RetracerGroup(click.Group):
@@ -42,4 +42,4 @@ def main() -> None:
     cli(prog_name="retracer")
 
 
-from . import admin, bus, jobs, mail, ops, policy  # noqa: E402,F401  (registers the subcommands on `cli`)
+from retracer.cli import admin, bus, jobs, mail, ops, policy  # noqa: E402,F401  (registers the subcommands on `cli`)

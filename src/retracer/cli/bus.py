@@ -10,15 +10,15 @@ import click
 from sqlalchemy import delete, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from .. import events as ev
-from .. import logs
-from ..applier import Applier
-from ..bus import embedded
-from ..errors import DatabaseUnavailable, InvalidEvent, RetracerError
-from ..models import Audit, ProcessedEvent, Rejected, utcnow
-from ..service import Service
-from . import cli
-from .context import AppContext, actor_name, actor_option, emit_json, json_option, pass_app, table, when
+from retracer import events as ev
+from retracer import logs
+from retracer.apply.applier import Applier
+from retracer.bus import embedded
+from retracer.cli import cli
+from retracer.cli.context import AppContext, actor_name, actor_option, emit_json, json_option, pass_app, table, when
+from retracer.errors import DatabaseUnavailable, InvalidEvent, RetracerError
+from retracer.service import Service
+from retracer.store.models import Audit, ProcessedEvent, Rejected, utcnow
 
 
 @cli.command()
@@ -78,7 +78,7 @@ def publish(app: AppContext, source: TextIO, as_json: bool) -> None:
             embedded.append(session, [e.to_json() for e in found])
         where = "the embedded inbox"
     else:
-        from ..bus.amqp import Publisher
+        from retracer.bus.amqp import Publisher
 
         publisher = Publisher(app.config)
         try:

@@ -13,8 +13,8 @@ import click
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from .. import config as cfg
-from .. import db
+from retracer import config as cfg
+from retracer import store
 
 
 class AppContext:
@@ -35,20 +35,20 @@ class AppContext:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = db.make_engine(self.config.database_url)
+            self._engine = store.make_engine(self.config.database_url)
         return self._engine
 
     @property
     def factory(self) -> sessionmaker[Session]:
         """Sessions on a database whose schema is current (else DatabaseNotReady says to upgrade)."""
         if self._factory is None:
-            db.check_schema(self.engine)
-            self._factory = db.session_factory(self.engine)
+            store.check_schema(self.engine)
+            self._factory = store.session_factory(self.engine)
         return self._factory
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with db.transaction(self.factory) as session:
+        with store.transaction(self.factory) as session:
             yield session
 
     def close(self) -> None:

@@ -8,14 +8,14 @@ from typing import Any
 import click
 from sqlalchemy import func, select
 
-from .. import events as ev
-from ..applier import Applier, history_of
-from ..dispatch import queue_order
-from ..errors import InvalidEvent, JobNotFound, RetracerError
-from ..models import STATES, History, Job, utcnow
-from ..workflow import load, mermaid
-from . import cli
-from .context import AppContext, elapsed, emit_json, json_option, pass_app, table, when
+from retracer import events as ev
+from retracer.apply.applier import Applier, history_of
+from retracer.cli import cli
+from retracer.cli.context import AppContext, elapsed, emit_json, json_option, pass_app, table, when
+from retracer.errors import InvalidEvent, JobNotFound, RetracerError
+from retracer.service.chores.dispatch import queue_order
+from retracer.store.models import STATES, History, Job, utcnow
+from retracer.workflow import load, mermaid
 
 JOB_FIELDS = ("id", "state", "crash_id", "creator", "package", "version", "architecture", "release", "core",
               "executable", "build_ids", "priority", "manual_priority", "attempts", "not_before",

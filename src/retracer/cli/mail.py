@@ -7,10 +7,10 @@ from typing import Any
 import click
 from sqlalchemy import select
 
-from ..mail.sender import STATUSES, DeliveryReport, deliver_pending
-from ..models import Mail
-from . import cli
-from .context import AppContext, emit_json, json_option, pass_app, table, when
+from retracer.cli import cli
+from retracer.cli.context import AppContext, emit_json, json_option, pass_app, table, when
+from retracer.mail.sender import STATUSES, DeliveryReport, deliver_pending
+from retracer.store.models import Mail
 
 
 @cli.group("mail")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .. import db
-from . import cli
-from .context import AppContext, emit_json, json_option, pass_app
+from retracer import store
+from retracer.cli import cli
+from retracer.cli.context import AppContext, emit_json, json_option, pass_app
 
 
 @cli.group("db")
@@ -20,9 +20,9 @@ def db_group() -> None:
 def db_upgrade(app: AppContext, revision: str) -> None:
     """Create or migrate the schema (alembic); safe to run again."""
     url = app.config.database_url
-    db.upgrade(url, revision)
+    store.upgrade(url, revision)
     click.echo(f"database {app.engine.url.render_as_string(hide_password=True)} is at revision "
-               f"{db.head_revision() if revision == 'head' else revision}")
+               f"{store.head_revision() if revision == 'head' else revision}")
 
 
 @cli.command("check-config")
@@ -51,7 +51,7 @@ def demo(directory: str | None) -> None:
     """Play the whole story on the embedded default: submit, retrace, retry, hold, fail to upload, rescue."""
     from pathlib import Path
 
-    from .. import demo as story
+    from retracer import demo as story
 
     status = story.run(Path(directory) if directory else story.default_dir())
     raise SystemExit(status)

@@ -8,10 +8,20 @@ import re
 import click
 from sqlalchemy import select
 
-from ..errors import RetracerError
-from ..models import Audit, SpuriousPattern
-from . import cli
-from .context import AppContext, actor_name, actor_option, dry_run_option, emit_json, json_option, pass_app, table, when
+from retracer.cli import cli
+from retracer.cli.context import (
+    AppContext,
+    actor_name,
+    actor_option,
+    dry_run_option,
+    emit_json,
+    json_option,
+    pass_app,
+    table,
+    when,
+)
+from retracer.errors import RetracerError
+from retracer.store.models import Audit, SpuriousPattern
 
 MAX_PATTERN = 500
 

@@ -4,6 +4,6 @@ The service loop keeps one :class:`Sender` and calls ``deliver_pending()`` on ea
 :func:`deliver_pending` (``retracer mail flush``).
 """
 
-from .sender import DeliveryReport, Sender, deliver_pending
+from retracer.mail.sender import DeliveryReport, Sender, deliver_pending
 
 __all__ = ["DeliveryReport", "Sender", "deliver_pending"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from ..errors import MailError
+from retracer.errors import MailError
 
 # Control, format (bidi overrides, zero-width), line/paragraph separators; surrogates cannot be encoded.
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})

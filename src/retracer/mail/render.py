@@ -32,10 +32,10 @@ from jinja2 import (
     select_autoescape,
 )
 
-from ..config import Config
-from ..errors import MailError
-from ..models import Mail, utcnow
-from .headers import address, clean
+from retracer.config import Config
+from retracer.errors import MailError
+from retracer.mail.headers import address, clean
+from retracer.store.models import Mail, utcnow
 
 
 class _HeaderClasses(HeaderRegistry):

@@ -27,12 +27,12 @@ from typing import Any
 from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .. import faults
-from ..config import Config
-from ..errors import MailError
-from ..models import Mail, utcnow
-from .render import DIGEST, Notice, crash_title, message_id, render
-from .transports import Failure, Outgoing, Transport, transport_for
+from retracer.config import Config
+from retracer.errors import MailError
+from retracer.mail.render import DIGEST, Notice, crash_title, message_id, render
+from retracer.mail.transports import Failure, Outgoing, Transport, transport_for
+from retracer.store.models import Mail, utcnow
+from retracer.testing import faults
 
 log = logging.getLogger("retracer.mail")
 

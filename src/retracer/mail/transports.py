@@ -23,8 +23,8 @@ from urllib.parse import urlparse
 
 import aiosmtplib
 
-from ..config import Config
-from ..errors import MailError
+from retracer.config import Config
+from retracer.errors import MailError
 
 log = logging.getLogger("retracer.mail")
 

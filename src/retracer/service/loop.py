@@ -24,15 +24,17 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import dispatch, faults, uploads
-from .applier import Applier, Outcome
-from .bus import embedded
-from .config import Config
-from .errors import RetracerError
-from .models import Outbox, utcnow
+from retracer.apply.applier import Applier, Outcome
+from retracer.bus import embedded
+from retracer.config import Config
+from retracer.errors import RetracerError
+from retracer.service.chores import dispatch
+from retracer.store.models import Outbox, utcnow
+from retracer.testing import faults
+from retracer.uploads import intake as uploads
 
 if TYPE_CHECKING:  # parallel.py imports this module: at run time it is imported where a pool is built
-    from .parallel import ApplyPool, InFlight
+    from retracer.apply.pool import ApplyPool, InFlight
 
 log = logging.getLogger("retracer.serve")
 
@@ -237,7 +239,7 @@ class Service:
         if self.config.embedded_bus:
             return 0  # embedded workers take their requests from the outbox itself (`retracer work take`)
         if self.publisher is None:
-            from .bus.amqp import Publisher
+            from retracer.bus.amqp import Publisher
 
             self.publisher = Publisher(self.config)
         n = 0
@@ -255,7 +257,7 @@ class Service:
     def mail(self) -> int:
         """Deliver due mails over the sender's reused connections (kept between rounds)."""
         if self.sender is None:
-            from .mail.sender import Sender
+            from retracer.mail.sender import Sender
 
             self.sender = Sender(self.factory, self.config)
         report = self.sender.deliver_pending()
@@ -331,7 +333,7 @@ class Service:
                 self.stop_event.wait(min(poll, 0.1))
 
     def _run_amqp(self) -> None:
-        from .bus.amqp import BatchConsumer
+        from retracer.bus.amqp import BatchConsumer
 
         pool = self._apply_pool()
 
@@ -355,7 +357,7 @@ class Service:
         size = self.config["service"]["apply_workers"]
         if size < 2 or self.factory.kw["bind"].dialect.name != "postgresql":
             return None
-        from .parallel import ApplyPool
+        from retracer.apply.pool import ApplyPool
 
         return ApplyPool(self.config, self.factory, size)
 

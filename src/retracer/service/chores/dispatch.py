@@ -15,9 +15,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Select, and_, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from .config import Config
-from .events import WORK_REQUEST
-from .models import Job, Outbox, utcnow
+from retracer.config import Config
+from retracer.events import WORK_REQUEST
+from retracer.store.models import Job, Outbox, utcnow
 
 DISPATCH_LOCK_KEY = 0x7265_7472  # "retr": one advisory lock id for the dispatcher
 

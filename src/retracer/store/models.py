@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session, relationship, validates
 
-from .errors import StateWriteRefused
+from retracer.errors import StateWriteRefused
 
 STATES = ("PENDING", "RETRACING", "FAILEDTOUPLOAD", "FULLYBUILT", "ON_HOLD")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .models import Job
-from .workflow import Change, Workflow
+from retracer.store.models import Job
+from retracer.workflow import Change, Workflow
 
 
 def recipients(workflow: Workflow, job: Job, state: str, admins: list[str]) -> list[tuple[str, str]]:

@@ -17,17 +17,17 @@ from typing import Any, cast
 from sqlalchemy import Table, func, select, text
 from sqlalchemy.orm import Session
 
-from . import bulk
-from . import events as ev
-from .config import Config
-from .effects import EFFECTS
-from .errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
-from .guards import TriggerContext
-from .logs import LINES
-from .models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
-from .notify import mail_rows
-from .policy import FailurePolicy
-from .workflow import Change, Workflow, load
+from retracer import events as ev
+from retracer.apply.notify import mail_rows
+from retracer.config import Config
+from retracer.errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
+from retracer.logs import LINES
+from retracer.store import bulk
+from retracer.store.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
+from retracer.workflow import Change, Workflow, load
+from retracer.workflow.effects import EFFECTS
+from retracer.workflow.guards import TriggerContext
+from retracer.workflow.policy import FailurePolicy
 
 log = logging.getLogger("retracer.apply")
 

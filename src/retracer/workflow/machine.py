@@ -15,10 +15,10 @@ from typing import Any
 
 from transitions import Machine, MachineError
 
-from .errors import TransitionRefused, WorkflowError
-from .events import TYPES
-from .guards import GUARDS, TriggerContext
-from .models import Job, machine_writes
+from retracer.errors import TransitionRefused, WorkflowError
+from retracer.events import TYPES
+from retracer.store.models import Job, machine_writes
+from retracer.workflow.guards import GUARDS, TriggerContext
 
 # A job being created sits in this pseudo-state only in memory, before `submit` moves it to the initial
 # state; the database's check constraint admits the five real states alone.

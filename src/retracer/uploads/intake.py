@@ -19,13 +19,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import events as ev
-from . import spool
-from .applier import Applier, Outcome
-from .config import Config
-from .errors import JobNotFound, TransitionRefused, UploadRejected
-from .models import Job
-from .workflow import Change
+from retracer import events as ev
+from retracer.apply.applier import Applier, Outcome
+from retracer.config import Config
+from retracer.errors import JobNotFound, TransitionRefused, UploadRejected
+from retracer.store.models import Job
+from retracer.uploads import spool
+from retracer.workflow import Change
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import RetracerError
+from retracer.errors import RetracerError
 
 ET_CORE = 4
 PT_LOAD = 1

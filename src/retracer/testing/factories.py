@@ -13,10 +13,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from . import db
-from . import events as ev
-from .applier import Applier, Outcome
-from .errors import RetracerError
+from retracer import events as ev
+from retracer import store
+from retracer.apply.applier import Applier, Outcome
+from retracer.errors import RetracerError
 
 _counter = itertools.count(1)
 
@@ -66,7 +66,7 @@ class Shell:
 
         from click.testing import CliRunner
 
-        from .cli import cli
+        from retracer.cli import cli
 
         args = shlex.split(command_line)
         if args and args[0] == "retracer":
@@ -111,7 +111,7 @@ def scratch_postgres(admin_url: str, prefix: str) -> Iterator[str]:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         try:
             url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-            db.upgrade(url)
+            store.upgrade(url)
             yield url
         finally:
             with admin.connect() as conn:

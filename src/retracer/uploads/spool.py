@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
-from .config import Config
-from .errors import ConfigError, UploadRejected
-from .events import HEX, SAFE_NAME
+from retracer.config import Config
+from retracer.errors import ConfigError, UploadRejected
+from retracer.events import HEX, SAFE_NAME
 
 INCOMING = "incoming"
 ACCEPTED = "accepted"

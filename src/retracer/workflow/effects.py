@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from .guards import TriggerContext
-from .models import Job
-from .policy import FailurePolicy
-from .workflow import Change
+from retracer.store.models import Job
+from retracer.workflow import Change
+from retracer.workflow.guards import TriggerContext
+from retracer.workflow.policy import FailurePolicy
 
 Effect = Callable[[Job, Change, TriggerContext, datetime], None]
 

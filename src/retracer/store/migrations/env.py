@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from retracer.db import make_engine
-from retracer.models import Base
+from retracer.store import make_engine
+from retracer.store.models import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or ""

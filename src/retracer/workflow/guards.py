@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .models import Job
-    from .policy import FailurePolicy
+    from retracer.store.models import Job
+    from retracer.workflow.policy import FailurePolicy
 
 
 @dataclass

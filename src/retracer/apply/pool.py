@@ -30,12 +30,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import db, faults, logs
-from . import events as ev
-from .applier import Outcome, reserve_ids
-from .config import Config
-from .errors import DatabaseUnavailable, RetracerError
-from .service import Service, unavailable
+from retracer import events as ev
+from retracer import logs, store
+from retracer.apply.applier import Outcome, reserve_ids
+from retracer.config import Config
+from retracer.errors import DatabaseUnavailable, RetracerError
+from retracer.service import Service, unavailable
+from retracer.testing import faults
 
 log = logging.getLogger("retracer.serve")
 
@@ -189,8 +190,8 @@ def _work(pipe: Connection, config: Config, level: str, parent: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     faults.take_down(parent)
     logs.setup(level)
-    engine = db.make_engine(config.database_url)
-    service = Service(config, db.session_factory(engine))
+    engine = store.make_engine(config.database_url)
+    service = Service(config, store.session_factory(engine))
     try:
         while True:
             try:

@@ -1,0 +1,1 @@
+"""The upload spool: checks, file operations, intake and rescue."""

@@ -1,0 +1,1 @@
+"""What a retrace worker does with a crash: check its core dump."""
