@@ -59,7 +59,8 @@ from retracer import events as ev
 from retracer import logs, store
 from retracer.service import Service
 from retracer.store.models import Inbox
-from retracer.testing.factories import crash_data, scratch_postgres
+from retracer.testing.factories import crash_data
+from retracer.testing.postgres import scratch_postgres
 
 AMQP_URL = os.environ.get("RETRACER_BENCH_AMQP", "pyamqp://guest:guest@127.0.0.1:5672//")
 PG_ADMIN_URL = os.environ.get("RETRACER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

@@ -35,7 +35,8 @@ from tests.faults.scenario import (
     read_mbox,
     run_scenario,
 )
-from tests.integration.conftest import Instance
+
+from retracer.testing.instance import Instance
 
 EVENTS_PER_JOB = 4.5  # submitted, started, 1.5 heartbeats on average, the ending (replays come on top)
 
@@ -53,7 +54,7 @@ def instance(mode: str, workdir: Path) -> Iterator[tuple[Instance, Callable[[], 
         url = f"sqlite:///{data / 'retracer.db'}"
         data.mkdir(parents=True)
         store.upgrade(url)
-        local = Instance(data, url, broker=False)
+        local = Instance(data, url)
         configure(local)
         try:
             yield local, lambda: read_mbox(data / "mail" / "outbox.mbox")
@@ -75,7 +76,7 @@ def instance(mode: str, workdir: Path) -> Iterator[tuple[Instance, Callable[[], 
     inst: Instance | None = None
     try:
         store.upgrade(url)
-        inst = Instance(workdir / "data", url, broker=True)
+        inst = Instance(workdir / "data", url, AMQP_URL)
         assert inst.env["RETRACER__BROKER__URL"] == AMQP_URL
         configure(inst, mail_url=server.url)
 

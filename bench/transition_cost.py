@@ -43,7 +43,8 @@ from retracer import config as cfg
 from retracer import store
 from retracer.apply.applier import Applier
 from retracer.store.models import History, Job, ProcessedEvent, utcnow
-from retracer.testing.factories import crash_data, event, scratch_postgres
+from retracer.testing.factories import crash_data, event
+from retracer.testing.postgres import scratch_postgres
 from retracer.workflow import load
 from retracer.workflow.guards import TriggerContext
 

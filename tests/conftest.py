@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from retracer import config as cfg
 from retracer import store
 from retracer.store.models import Base
-from retracer.testing.factories import scratch_postgres
+from retracer.testing.postgres import scratch_postgres
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("RETRACER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

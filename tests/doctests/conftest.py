@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from retracer.testing.factories import Shell
+from retracer.testing.shell import Shell
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from retracer.testing.smtp import CaptureServer
-from tests.integration.conftest import Instance, embedded, scaled  # noqa: F401  (fixtures used here)
+from tests.integration.conftest import embedded, scaled  # noqa: F401  (fixtures used here)
 
 
 @pytest.fixture(autouse=True)

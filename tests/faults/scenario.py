@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from retracer import config as cfg
 from retracer import events as ev
 from retracer.testing.faults import POINTS
-from tests.integration.conftest import RETRACER, Instance
+from retracer.testing.instance import RETRACER, Instance
 
 FINAL_STATE = {"accepted": "FULLYBUILT", "upload_failed": "FAILEDTOUPLOAD", "held": "ON_HOLD"}
 ENDINGS = tuple(FINAL_STATE)

@@ -23,9 +23,9 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from retracer.events import storable
+from retracer.testing.instance import Instance
 from retracer.testing.smtp import CaptureServer
 
-from ..integration.conftest import Instance
 from .scenario import (
     Delivered,
     Supervisor,

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from retracer.testing.instance import Instance
 from retracer.testing.smtp import CaptureServer
 
-from ..integration.conftest import Instance
 from .scenario import (
     DEFAULT_FAULTS,
     Delivered,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from retracer.testing.instance import Instance
 from retracer.testing.smtp import CaptureServer
 
 from ..conftest import IN_CI
-from ..integration.conftest import Instance
 from .scenario import (
     Delivered,
     Exit,
@@ -261,7 +261,7 @@ def test_embedded_disk_read_only(ext4_disk: tuple[Path, Path], sqlite_template: 
     data = mount / "data"
     data.mkdir()
     shutil.copyfile(sqlite_template, data / "retracer.db")
-    inst = Instance(data, f"sqlite:///{data / 'retracer.db'}", broker=False)
+    inst = Instance(data, f"sqlite:///{data / 'retracer.db'}")
     configure(inst)
     workload = Workload.build(2 * JOBS, seed=23)
     supervisor = Supervisor(inst, "embedded", restart_delay_s=2.0, log_dir=tmp_path / "logs")

@@ -1,134 +1,21 @@
-"""Integration fixtures: a retracer instance driven through its real command line, in real processes.
-
-``Instance`` holds one installation's environment (data directory, database URL, broker URL and names);
-``run`` executes `retracer ...` as a subprocess and ``serve`` starts `retracer serve` in the background.
-"""
+"""Integration fixtures: a retracer instance (retracer.testing.instance) in each mode."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import text
 
-from retracer import store
+from retracer.testing.instance import Instance
 
 from ..conftest import AMQP_URL, require_server
-
-RETRACER = [sys.executable, "-m", "retracer"]
-
-
-class Instance:
-    """One retracer installation for a test."""
-
-    def __init__(self, data_dir: Path, db_url: str, broker: bool) -> None:
-        self.data_dir = data_dir
-        self.db_url = db_url
-        self.env = {**os.environ, "RETRACER__SERVICE__DATA_DIR": str(data_dir),
-                    "RETRACER__DATABASE__URL": db_url,
-                    "RETRACER__MAIL__ADMINS": "celso@example.com,foo.bar@example.com",
-                    "RETRACER__SERVICE__POLL_INTERVAL_S": "0.2"}
-        self.env.pop("RETRACER_CONFIG", None)
-        self.names: dict[str, str] = {}
-        if broker:
-            tag = f"rt-test-{uuid.uuid4().hex[:8]}"
-            self.names = {"exchange": tag, "queue": f"{tag}.events", "work_queue": f"{tag}.work",
-                          "dead_letter_exchange": f"{tag}.dlx", "dead_letter_queue": f"{tag}.dead"}
-            self.env["RETRACER__BROKER__URL"] = AMQP_URL
-            for key, value in self.names.items():
-                self.env[f"RETRACER__BROKER__{key.upper()}"] = value
-        self.servers: list[subprocess.Popen[bytes]] = []
-        self.engine = store.make_engine(db_url)
-
-    def set(self, **settings: str) -> None:
-        """Override settings, e.g. set(SERVICE__MAX_PARALLEL="2")."""
-        for key, value in settings.items():
-            self.env[f"RETRACER__{key}"] = value
-
-    def run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([*RETRACER, *args], env=self.env, input=input, capture_output=True, text=True,
-                              timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"retracer {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.run(*args, "--json").stdout)
-
-    def publish(self, *events: dict[str, Any]) -> None:
-        self.run("publish", "-", input="".join(json.dumps(e) + "\n" for e in events))
-
-    def serve(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
-        """Start `retracer serve`; by default return once it has its signal handlers and says "serving"."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.data_dir / f"serve-{len(self.servers)}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([*RETRACER, "serve", *extra], env=self.env, stdout=out, stderr=out)
-        self.servers.append(proc)
-        if wait:
-            self.wait_for("serve to start", lambda: b'"msg": "serving"' in log.read_bytes(), timeout=30)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        return proc.wait(timeout=60)
-
-    def scalar(self, sql: str, **params: Any) -> Any:
-        with self.engine.connect() as conn:
-            return conn.execute(text(sql), params).scalar()
-
-    def rows(self, sql: str, **params: Any) -> list[Any]:
-        with self.engine.connect() as conn:
-            return list(conn.execute(text(sql), params))
-
-    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            for proc in self.servers:
-                if proc.poll() not in (None, 0, -signal.SIGKILL, -signal.SIGTERM):
-                    raise AssertionError(f"serve exited {proc.returncode} while waiting for {what}")
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-    def close(self) -> None:
-        for proc in self.servers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        self.engine.dispose()
-        if self.names:
-            _delete_broker_objects(self.env)
-
-
-def _delete_broker_objects(env: dict[str, str]) -> None:
-    from kombu import Connection
-
-    from retracer import config as cfg
-    from retracer.bus.amqp import Topology
-
-    try:
-        with Connection(AMQP_URL, connect_timeout=5) as conn:
-            Topology(cfg.load(environ=env)).delete(conn)
-    except Exception:  # cleanup must not hide the test's own result
-        pass
 
 
 @pytest.fixture
 def embedded(tmp_path: Path, sqlite_url: str) -> Iterator[Instance]:
     """The embedded default: SQLite, no broker."""
-    inst = Instance(tmp_path / "data", sqlite_url, broker=False)
+    inst = Instance(tmp_path / "data", sqlite_url)
     yield inst
     inst.close()
 
@@ -140,7 +27,7 @@ def scaled(tmp_path: Path, pg_database: str) -> Iterator[Instance]:
     from ..conftest import truncate_all
 
     truncate_all(pg_database)
-    inst = Instance(tmp_path / "data", pg_database, broker=True)
+    inst = Instance(tmp_path / "data", pg_database, AMQP_URL)
     inst.data_dir.mkdir(parents=True, exist_ok=True)
     yield inst
     inst.close()

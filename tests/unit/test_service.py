@@ -15,7 +15,8 @@ from retracer.apply.applier import Applier
 from retracer.bus import embedded
 from retracer.service import Service
 from retracer.store.models import Inbox, Job, Rejected
-from retracer.testing.factories import captured_logs, crash_data, event
+from retracer.testing.factories import crash_data, event
+from retracer.testing.logcapture import captured_logs
 
 
 def poison(service: Service, marker: str, error: Exception) -> None:

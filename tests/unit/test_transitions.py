@@ -33,7 +33,8 @@ from retracer.events import TYPES
 from retracer.service import Service
 from retracer.store import bulk
 from retracer.store.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, machine_writes, utcnow
-from retracer.testing.factories import captured_logs, crash_data, event
+from retracer.testing.factories import crash_data, event
+from retracer.testing.logcapture import captured_logs
 from retracer.workflow import TransitionSpec, load
 
 WF = load()
