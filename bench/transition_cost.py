@@ -45,8 +45,7 @@ from retracer.apply.applier import Applier
 from retracer.store.models import History, Job, ProcessedEvent, utcnow
 from retracer.testing.factories import crash_data, event
 from retracer.testing.postgres import scratch_postgres
-from retracer.workflow import load
-from retracer.workflow.guards import TriggerContext
+from retracer.workflow import FailurePolicy, TriggerContext, load
 
 BATCH = 200
 PG_ADMIN_URL = os.environ.get("RETRACER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -173,7 +172,8 @@ def machine_only(cycles: int = 30_000) -> float:
     wf.create(job, TriggerContext())
     start = TriggerContext(data={"worker": "w"})
     beat = TriggerContext(data={"worker": "w"})
-    failed = TriggerContext(data={"error": "x", "transient": True})
+    policy = FailurePolicy.from_config(cfg.load(environ={})["policy"])
+    failed = TriggerContext(data={"error": "x", "transient": True}, policy=policy)
     began = time.perf_counter()
     for _ in range(cycles):
         wf.fire(job, "start", start)

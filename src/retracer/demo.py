@@ -30,6 +30,7 @@ from retracer.bus import embedded
 from retracer.errors import RetracerError
 from retracer.store.models import History, Job
 from retracer.uploads import spool
+from retracer.workflow import load_spec
 
 ADMINS = ["ada.admin@example.com", "bob.admin@example.com"]
 GOOD_BACKTRACE = """\
@@ -59,12 +60,13 @@ class Crash:
     leaf: str | None = None
 
 
+ROLES = load_spec().roles
 CRASHES = [
-    Crash("LP-2071", "gedit", "46.2-1", "carol@example.com", "gedit_document_save", ["ok"], "FULLYBUILT", 0),
+    Crash("LP-2071", "gedit", "46.2-1", "carol@example.com", "gedit_document_save", ["ok"], ROLES.success, 0),
     Crash("LP-2072", "nautilus", "46.1-1", "dave@example.com", "nautilus_file_get_name",
-          ["transient", "ok"], "FULLYBUILT", 1),
-    Crash("LP-2073", "evince", "46.3-1", "erin@example.com", "ev_document_load", ["transient"] * 3, "ON_HOLD", 3),
-    Crash("LP-2074", "totem", "43.0-2", "frank@example.com", "totem_object_play", ["no-symbols"], "FULLYBUILT", 0),
+          ["transient", "ok"], ROLES.success, 1),
+    Crash("LP-2073", "evince", "46.3-1", "erin@example.com", "ev_document_load", ["transient"] * 3, ROLES.held, 3),
+    Crash("LP-2074", "totem", "43.0-2", "frank@example.com", "totem_object_play", ["no-symbols"], ROLES.success, 0),
 ]
 
 FAILURE = "E: Failed to fetch http://archive.ubuntu.com/ubuntu/pool/main/{p}/{p}-dbgsym.ddeb  503  Service Unavailable"
@@ -185,7 +187,7 @@ def _play(story: Story, config: cfg.Config, factory: sessionmaker[Session], serv
         for request in requests:
             _work(story, config, factory, request)
         states = _states(factory)
-        failed = [c for c in CRASHES if states.get(c.job) == "FAILEDTOUPLOAD"]
+        failed = [c for c in CRASHES if states.get(c.job) == ROLES.rescuable]
         if failed and not rescued and _mails_sent(factory):
             _show_transitions(story, factory)
             _rescue(story, config, failed[0])
@@ -216,7 +218,7 @@ def _work(story: Story, config: cfg.Config, factory: sessionmaker[Session], requ
     backtrace = GOOD_BACKTRACE.format(function=crash.function, source=f"src/{crash.package}.c", line=412,
                                       main_line=57) if outcome == "ok" else NO_SYMBOLS
     # The stand-in uploader only writes the upload once the job is RETRACING, as a real one would.
-    _wait_state(factory, crash.job, "RETRACING")
+    _wait_state(factory, crash.job, ROLES.working)
     spool.write_upload(config.spool_dir, crash.leaf, {"job": crash.job, "crash_id": crash.crash_id,
                                                       "build_ids": [], "worker": worker},
                        backtrace, f"{worker}: retraced {crash.crash_id} in 2.1s\n")
@@ -239,8 +241,8 @@ def _rescue(story: Story, config: cfg.Config, crash: Crash) -> None:
                                           main_line=21), encoding="utf-8")
     story.say(f"the admin installed the missing debug symbols and regenerated {kept.relative_to(story.root)}; "
               f"first a dry run, then the rescue:")
-    story.command("rescue", str(crash.job), "--dry-run")
-    story.command("rescue", str(crash.job), "--as", "ada", "--reason", "debug symbols installed on the worker")
+    story.command(ROLES.rescue, str(crash.job), "--dry-run")
+    story.command(ROLES.rescue, str(crash.job), "--as", "ada", "--reason", "debug symbols installed on the worker")
 
 
 def _states(factory: sessionmaker[Session]) -> dict[int, str]:
@@ -266,7 +268,7 @@ def _show_transitions(story: Story, factory: sessionmaker[Session]) -> None:
             .where(History.id > story.seen_history).order_by(History.id)).tuples())
     for h, package in rows:
         story.seen_history = h.id
-        why = f" ({h.reason})" if h.reason and h.trigger not in ("submit",) else ""
+        why = f" ({h.reason})" if h.reason and h.from_state is not None else ""
         story.say(f"job {h.job_id} {package}: {h.from_state or 'new'} -> {h.to_state} [{h.trigger}, by {h.actor}]"
                   f"{why}")
 
@@ -319,11 +321,11 @@ def _expected_mails(jobs: dict[int, Job]) -> list[tuple[str, str, str]]:
     for crash in CRASHES:
         job = str(crash.job)
         if crash.outcomes[0] == "no-symbols":
-            expected += [(job, "FAILEDTOUPLOAD", a) for a in ADMINS] + [(job, "FAILEDTOUPLOAD", crash.creator)]
-        if crash.expect_state == "FULLYBUILT":
-            expected.append((job, "FULLYBUILT", crash.creator))
-        if crash.expect_state == "ON_HOLD":
-            expected += [(job, "ON_HOLD", a) for a in ADMINS]
+            expected += [(job, ROLES.rescuable, a) for a in ADMINS] + [(job, ROLES.rescuable, crash.creator)]
+        if crash.expect_state == ROLES.success:
+            expected.append((job, ROLES.success, crash.creator))
+        if crash.expect_state == ROLES.held:
+            expected += [(job, ROLES.held, a) for a in ADMINS]
     return expected
 
 

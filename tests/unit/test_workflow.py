@@ -13,9 +13,9 @@ import pytest
 from retracer.errors import TransitionRefused, WorkflowError
 from retracer.events import TYPES
 from retracer.store.models import STATES, Job
-from retracer.workflow import Workflow, load, mermaid, parse
+from retracer.workflow import TriggerContext, Workflow, load, mermaid, parse
 from retracer.workflow.effects import EFFECTS
-from retracer.workflow.guards import GUARDS, TriggerContext
+from retracer.workflow.guards import GUARDS
 
 SHIPPED = resources.files("retracer.states").joinpath("workflow.toml").read_text(encoding="utf-8")
 
@@ -36,12 +36,27 @@ final = true
 trigger = "make"
 source = []
 dest = "A"
+effect = "create"
 
 [[transitions]]
 trigger = "finish"
 source = ["A"]
 dest = "B"
 guards = ["has_reason"]
+effect = "uploaded"
+
+[roles]
+queue = "A"
+working = "A"
+success = "B"
+held = "A"
+rescuable = "A"
+takes_upload = ["A"]
+watchdog = "finish"
+rescue = "finish"
+rescue_failed = "finish"
+reprioritize = "finish"
+failures = ["finish"]
 """
 
 
@@ -91,8 +106,9 @@ class TestShippedFile:
         assert load().allowed_from("FULLYBUILT") == []
 
     def test_every_trigger_has_an_effect(self) -> None:
-        """Every trigger in the file has an effect function, so applying it cannot fail on a missing key."""
-        assert {t.trigger for t in load().transitions} <= set(EFFECTS)
+        """Every transition in the file names an effect function, so applying it cannot fail on a missing key."""
+        assert all(t.effect for t in load().transitions)
+        assert {t.effect for t in load().transitions} <= set(EFFECTS)
 
     def test_every_event_named_is_a_known_event_type(self) -> None:
         """Every bus event the file names is a type the event contract validates."""
@@ -130,9 +146,33 @@ class TestParseRejects:
         with pytest.raises(WorkflowError, match=r"unknown guard 'has_raisin'; known guards: \[.*'has_reason'"):
             parse(broken('"has_reason"', '"has_raisin"'), "mini.toml")
 
+    def test_transition_without_an_effect(self) -> None:
+        """A transition that names no effect, or an unknown one, is refused naming the file and the entry."""
+        with pytest.raises(WorkflowError, match=r"mini\.toml: transition #2 \(finish\): has no effect; give it "
+                                                r"effect = one of \[.*'uploaded'"):
+            parse(broken('effect = "uploaded"\n', ""), "mini.toml")
+        with pytest.raises(WorkflowError, match=r"transition #2 \(finish\): names an unknown effect 'upload'"):
+            parse(broken('effect = "uploaded"', 'effect = "upload"'), "mini.toml")
+
+    def test_role_naming_no_state_or_trigger(self) -> None:
+        """A role must name a state (or trigger) of the file; the error names the file and the key."""
+        with pytest.raises(WorkflowError, match=r"mini\.toml: \[roles\] queue = 'Q' names no state \(\['Q'\]\)"):
+            parse(broken('queue = "A"', 'queue = "Q"'), "mini.toml")
+        with pytest.raises(WorkflowError, match=r"\[roles\] watchdog = 'finnish' names no trigger"):
+            parse(broken('watchdog = "finish"', 'watchdog = "finnish"'), "mini.toml")
+        with pytest.raises(WorkflowError, match=r"\[roles\] takes_upload = 'A' must be a list of names"):
+            parse(broken('takes_upload = ["A"]', 'takes_upload = "A"'), "mini.toml")
+
+    def test_missing_or_unknown_role(self) -> None:
+        """Every role the code reads must be named, and no other."""
+        with pytest.raises(WorkflowError, match=r"mini\.toml: \[roles\] held is missing"):
+            parse(broken('held = "A"\n', ""), "mini.toml")
+        with pytest.raises(WorkflowError, match=r"\[roles\] has unknown keys \['janitor'\]"):
+            parse(broken('held = "A"\n', 'held = "A"\njanitor = "A"\n'), "mini.toml")
+
     def test_leaving_a_final_state(self) -> None:
         """A transition whose source is a final state is refused."""
-        text = MINIMAL + '\n[[transitions]]\ntrigger = "undo"\nsource = ["B"]\ndest = "A"\n'
+        text = MINIMAL + '\n[[transitions]]\ntrigger = "undo"\nsource = ["B"]\ndest = "A"\neffect = "unpark"\n'
         with pytest.raises(WorkflowError, match=r"transition #3 \(undo\): \['B'\] are final states and cannot be left"):
             parse(text, "mini.toml")
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import Table, func, select, text
@@ -24,10 +25,8 @@ from retracer.errors import InvalidEvent, JobNotFound, RetracerError, Transition
 from retracer.logs import LINES
 from retracer.store import bulk
 from retracer.store.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
-from retracer.workflow import Change, Workflow, load
+from retracer.workflow import Change, FailurePolicy, TriggerContext, Workflow, load
 from retracer.workflow.effects import EFFECTS
-from retracer.workflow.guards import TriggerContext
-from retracer.workflow.policy import FailurePolicy
 
 log = logging.getLogger("retracer.apply")
 
@@ -55,7 +54,7 @@ class _Batch:
 
     jobs: dict[int, Job]
     now: datetime
-    policy: FailurePolicy | None
+    load_policy: Callable[[], FailurePolicy]
     created: set[int] = field(default_factory=set)
     touched: set[int] = field(default_factory=set)
     new_ids: list[int] = field(default_factory=list)
@@ -74,8 +73,8 @@ class Applier:
         self.admins: list[str] = list(config["mail"]["admins"])
 
     def policy(self, session: Session) -> FailurePolicy:
-        extra = session.scalars(select(SpuriousPattern.pattern).order_by(SpuriousPattern.id)).all()
-        return FailurePolicy.from_config(self.config["policy"], extra)
+        """The failure policy now: the configuration's, with the admins' patterns read from the database."""
+        return current_policy(session, self.config)
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -103,13 +102,13 @@ class Applier:
         dialect = session.get_bind().dialect
         seen = set(session.scalars(select(ProcessedEvent.event_id).where(
             bulk.among(dialect, ProcessedEvent.event_id, [e.id for e in valid])))) if valid and not unseen else set()
-        policy = self.policy(session) if any(e.type == "retrace.failed" for e in valid) else None
         wanted = {e.job for e in valid if e.job is not None}
         # Locked in id order: the batch owns its jobs until commit, and two writers cannot deadlock on them.
         jobs = {row.id: _job_from_row(row) for row in session.connection().execute(
             select(_JOB_TABLE).where(bulk.among(dialect, _JOB_TABLE.c.id, wanted)).order_by(_JOB_TABLE.c.id)
             .with_for_update())} if wanted else {}
-        batch = _Batch(jobs=jobs, now=utcnow(), policy=policy, given=job_ids)
+        # Read once per batch, and only if one of its transitions asks (the patterns are a query).
+        batch = _Batch(jobs=jobs, now=utcnow(), load_policy=cache(lambda: self.policy(session)), given=job_ids)
         submits = 0 if job_ids else sum(1 for e in valid if e.type == "crash.submitted" and e.id not in seen)
         batch.new_ids = reserve_ids(session, "job", submits) if submits else []
         outcomes: list[Outcome] = []
@@ -136,7 +135,7 @@ class Applier:
 
     def _apply(self, session: Session, event: ev.Event, body: Any, batch: _Batch, index: int) -> Outcome:
         ctx = TriggerContext(data=dict(event.data), by=f"event:{event.source}", event_id=event.id,
-                             policy=batch.policy)
+                             load_policy=batch.load_policy)
         new = event.type == "crash.submitted"
         try:
             if new:
@@ -194,10 +193,10 @@ class Applier:
              policy: FailurePolicy | None = None) -> Change:
         """Fire a trigger on a job for an admin or the service itself; raises TransitionRefused."""
         job = self._job(session, job_id, lock=True)
-        ctx = TriggerContext(data=dict(data or {}), by=by, reason=reason, event_id=event_id,
-                             policy=policy or self.policy(session))
+        load_policy = cache(lambda: policy or self.policy(session))
+        ctx = TriggerContext(data=dict(data or {}), by=by, reason=reason, event_id=event_id, load_policy=load_policy)
         change = self.workflow.fire(job, trigger, ctx)
-        batch = _Batch(jobs={job.id: job}, now=utcnow(), policy=ctx.policy, touched={job.id})
+        batch = _Batch(jobs={job.id: job}, now=utcnow(), load_policy=load_policy, touched={job.id})
         try:
             self._record(session, job, change, ctx, batch)
         except KeyError as exc:
@@ -220,10 +219,10 @@ class Applier:
 
     def _record(self, session: Session, job: Job, change: Change, ctx: TriggerContext, batch: _Batch) -> None:
         """The transition's consequences: effects on the job now; history and mail rows at the batch's end."""
-        EFFECTS[change.trigger](job, change, ctx, batch.now)
+        effect_reason = EFFECTS[change.effect](job, change, ctx, batch.now)
         if not change.record:
             return
-        reason = _reason(job, change, ctx)
+        reason = ctx.reason or effect_reason
         history = {"from_state": change.source, "to_state": change.dest, "trigger": change.trigger,
                    "event_id": ctx.event_id, "actor": ctx.by, "reason": reason, "at": batch.now}
         mails = mail_rows(self.workflow, job, change, batch.now, ctx.by, reason, self.admins) if change.moved else []
@@ -306,20 +305,8 @@ def reserve_ids(session: Session, table: str, count: int) -> list[int]:
     return list(range(top + 1, top + 1 + count))
 
 
-def _reason(job: Job, change: Change, ctx: TriggerContext) -> str | None:
-    if ctx.reason:
-        return ctx.reason
-    if change.dest == "ON_HOLD":
-        return job.hold_reason
-    if change.trigger in ("retrace_failed", "heartbeat_lost"):
-        first = (job.last_error or "").strip().splitlines()
-        return f"attempt {job.attempts} failed: {first[0][:300] if first else 'no error text'}"
-    if change.trigger in ("upload_failed", "rescue_failed"):
-        first = (job.upload_log or "").strip().splitlines()
-        return f"upload failed: {first[0][:300]}" if first else None
-    return None
-
-
-def history_of(session: Session, job_id: int) -> list[History]:
-    return list(session.scalars(select(History).where(History.job_id == job_id).order_by(History.id)))
-
+def current_policy(session: Session, config: Config) -> FailurePolicy:
+    """The failure policy of ``config``'s [policy] section, with the admins' spurious-failure patterns after the
+    built-in ones."""
+    extra = session.scalars(select(SpuriousPattern.pattern).order_by(SpuriousPattern.id)).all()
+    return FailurePolicy.from_config(config["policy"], extra)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from retracer.events import WORK_REQUEST
 from retracer.store.models import Inbox, Job, Outbox, utcnow
+from retracer.workflow import load_spec
 
 
 def append(session: Session, bodies: Iterable[str]) -> int:
@@ -70,13 +71,14 @@ def take_work(session: Session, limit: int, now: datetime | None = None) -> list
     bodies = [json.loads(r.body) for r in rows]
     newest = {b["job"]: r.id for r, b in zip(rows, bodies, strict=True)}
     states = {i: s for i, s in session.execute(select(Job.id, Job.state).where(Job.id.in_(newest)))}
+    queue = load_spec().roles.queue
     handed: list[dict[str, Any]] = []
     done_ids: list[int] = []
     for row, body in zip(rows, bodies, strict=True):
         if len(handed) == limit:
             break
         done_ids.append(row.id)
-        if newest[body["job"]] == row.id and states.get(body["job"]) == "PENDING":
+        if newest[body["job"]] == row.id and states.get(body["job"]) == queue:
             handed.append(body)
     session.execute(update(Outbox).where(Outbox.id.in_(done_ids)).values(sent_at=now or utcnow()))
     return handed

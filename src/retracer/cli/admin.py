@@ -1,4 +1,5 @@
-"""Admin commands that move jobs: retry, hold, release, priority (rescue lives with the spool).
+"""Admin commands that move jobs: one per admin trigger of the workflow file (retry, hold, release), plus
+priority, rescue and process-upload.
 
 Each is audited in the job's history with who ran it (--as, default the login name) and --reason, and
 each has --dry-run: the transition runs inside a transaction that is rolled back, so every guard and
@@ -14,7 +15,7 @@ import click
 from retracer.apply.applier import Applier
 from retracer.cli import cli
 from retracer.cli.context import AppContext, actor_name, actor_option, dry_run_option, emit_json, json_option, pass_app
-from retracer.workflow import Change
+from retracer.workflow import Change, load
 
 reason_option = click.option("--reason", default=None, help="Why (kept in the job's history).")
 
@@ -68,10 +69,23 @@ def _admin_command(trigger: str, help_text: str, needs_reason: bool = False) -> 
         report(job_id, change, actor_name(actor), dry_run, as_json, snap, reason)
 
 
-_admin_command("retry", "Send a FAILEDTOUPLOAD or ON_HOLD job back to the queue, attempts reset, crash kept.")
-_admin_command("hold", "Park a job for a human (PENDING, RETRACING or FAILEDTOUPLOAD); needs --reason.",
-               needs_reason=True)
-_admin_command("release", "Let an ON_HOLD job go back to the queue.")
+def _register_admin_commands() -> None:
+    """A command per admin trigger of the workflow file, named after it, with the file's description and the
+    states it applies to as help; --reason is required where a guard asks for one. Rescue and priority take
+    more than a job and are written out below."""
+    wf = load()
+    written = {wf.roles.rescue, wf.roles.rescue_failed, wf.roles.reprioritize}
+    for trigger in dict.fromkeys(t.trigger for t in wf.transitions if t.admin and t.trigger not in written):
+        taken = [t for t in wf.transitions if t.trigger == trigger]
+        sources = [s for s in wf.states if any(s in t.source for t in taken)]
+        needs_reason = any(g in REASON_GUARDS for t in taken for g in t.guards)
+        help_text = f"{taken[0].description} From {', '.join(sources)}." + (" Needs --reason." if needs_reason else "")
+        _admin_command(trigger, help_text, needs_reason)
+
+
+#: Guards that refuse a trigger fired without a reason.
+REASON_GUARDS = ("has_reason",)
+_register_admin_commands()
 
 
 @cli.command()
@@ -86,7 +100,8 @@ def priority(app: AppContext, job_id: int, priority: int, reason: str | None, ac
              as_json: bool) -> None:
     """Set a job's priority; it becomes sticky (dispatched before automatic priorities, never overridden)."""
     why = f"priority set to {priority}" + (f": {reason}" if reason else "")
-    change, snap = run_admin_trigger(app, job_id, "reprioritize", actor, why, dry_run, data={"priority": priority})
+    trigger = load().roles.reprioritize
+    change, snap = run_admin_trigger(app, job_id, trigger, actor, why, dry_run, data={"priority": priority})
     report(job_id, change, actor_name(actor), dry_run, as_json, snap, why)
 
 
@@ -119,7 +134,7 @@ def rescue(app: AppContext, job_id: int, reason: str | None, actor: str | None, 
             if done.upload.stored_at:
                 click.echo(f"backtrace {'would be ' if dry_run else ''}stored in {done.upload.stored_at}")
         else:
-            click.echo(f"upload {done.leaf} {would} refused again: job {job_id} stays FAILEDTOUPLOAD "
+            click.echo(f"upload {done.leaf} {would} refused again: job {job_id} stays {done.change.dest} "
                        f"with this upload log:")
             for line in done.upload.upload_log.splitlines():
                 click.echo(f"  {line}")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 import click
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from retracer import events as ev
-from retracer import logs
+from retracer import logs, reports
 from retracer.apply.applier import Applier
 from retracer.bus import embedded
 from retracer.cli import cli
@@ -93,11 +93,6 @@ def publish(app: AppContext, source: TextIO, as_json: bool) -> None:
         click.echo(f"published {len(found)} event(s) to {where}")
 
 
-def _rejected_dict(r: Rejected) -> dict[str, Any]:
-    return {"id": r.id, "event_id": r.event_id, "type": r.event_type, "job": r.job_id, "reason": r.reason,
-            "at": r.at, "replayed_at": r.replayed_at, "body": r.body}
-
-
 @cli.group(invoke_without_command=True)
 @click.option("--all", "show_all", is_flag=True, help="Include events already replayed.")
 @json_option
@@ -108,18 +103,15 @@ def rejected(ctx: click.Context, show_all: bool, as_json: bool) -> None:
         return
     app: AppContext = ctx.obj
     with app.transaction() as session:
-        stmt = select(Rejected).order_by(Rejected.id)
-        if not show_all:
-            stmt = stmt.where(Rejected.replayed_at.is_(None))
-        rows = list(session.scalars(stmt))
+        rows = reports.rejected(session, include_replayed=show_all)
     if as_json:
-        emit_json([_rejected_dict(r) for r in rows])
+        emit_json(rows)
         return
     if not rows:
         click.echo("no rejected events")
         return
     click.echo(table(["ID", "AT", "EVENT", "TYPE", "JOB", "REASON"],
-                     [[r.id, when(r.at), r.event_id, r.event_type, r.job_id, r.reason] for r in rows]))
+                     [[r["id"], when(r["at"]), r["event_id"], r["type"], r["job"], r["reason"]] for r in rows]))
 
 
 @rejected.command("replay")

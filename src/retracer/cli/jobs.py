@@ -6,30 +6,15 @@ from datetime import timedelta
 from typing import Any
 
 import click
-from sqlalchemy import func, select
 
 from retracer import events as ev
-from retracer.apply.applier import Applier, history_of
+from retracer import reports
+from retracer.apply.applier import Applier
 from retracer.cli import cli
 from retracer.cli.context import AppContext, elapsed, emit_json, json_option, pass_app, table, when
-from retracer.errors import InvalidEvent, JobNotFound, RetracerError
-from retracer.service.chores.dispatch import queue_order
-from retracer.store.models import STATES, History, Job, utcnow
-from retracer.workflow import load, mermaid
-
-JOB_FIELDS = ("id", "state", "crash_id", "creator", "package", "version", "architecture", "release", "core",
-              "executable", "build_ids", "priority", "manual_priority", "attempts", "not_before",
-              "dispatched_at", "last_heartbeat", "worker", "upload_leaf", "upload_log", "hold_reason",
-              "last_error", "failure_pattern", "created_at", "started_at", "finished_at")
-
-
-def job_dict(job: Job) -> dict[str, Any]:
-    return {name: getattr(job, name) for name in JOB_FIELDS}
-
-
-def history_dict(h: History) -> dict[str, Any]:
-    return {"from": h.from_state, "to": h.to_state, "trigger": h.trigger, "by": h.actor,
-            "event_id": h.event_id, "reason": h.reason, "at": h.at}
+from retracer.errors import InvalidEvent, RetracerError
+from retracer.store.models import STATES, utcnow
+from retracer.workflow import load, load_spec, mermaid
 
 
 @cli.command()
@@ -73,19 +58,16 @@ def submit(app: AppContext, crash_id: str, creator: str, package: str, version_:
 def jobs_cmd(app: AppContext, state: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
     with app.transaction() as session:
-        stmt = select(Job).order_by(Job.id.desc()).limit(limit)
-        if state:
-            stmt = stmt.where(Job.state == state)
-        found = list(session.scalars(stmt))
+        found = reports.jobs(session, state, limit)
     if as_json:
-        emit_json([job_dict(j) for j in found])
+        emit_json(found)
         return
     if not found:
         click.echo("no jobs" + (f" in {state}" if state else ""))
         return
     click.echo(table(["ID", "STATE", "CRASH", "PACKAGE", "VERSION", "ARCH", "PRIO", "TRIES"],
-                     [[j.id, j.state, j.crash_id, j.package, j.version, j.architecture,
-                       f"{j.priority}{'!' if j.manual_priority else ''}", j.attempts] for j in found]))
+                     [[j["id"], j["state"], j["crash_id"], j["package"], j["version"], j["architecture"],
+                       f"{j['priority']}{'!' if j['manual_priority'] else ''}", j["attempts"]] for j in found]))
 
 
 @cli.command()
@@ -95,15 +77,12 @@ def jobs_cmd(app: AppContext, state: str | None, limit: int, as_json: bool) -> N
 def show(app: AppContext, job_id: int, as_json: bool) -> None:
     """Everything about one job, with its history."""
     with app.transaction() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        data = job_dict(job)
-        data["history"] = [history_dict(h) for h in history_of(session, job_id)]
+        data = reports.job_detail(session, job_id)
     if as_json:
         emit_json(data)
         return
-    title = load().states[data["state"]].title
+    spec = load_spec()
+    title = spec.states[data["state"]].title
     click.echo(f"Job {job_id}: {data['package']} {data['version']} ({data['architecture']}, "
                f"{data['release']}), crash {data['crash_id']}")
     click.echo(f"  State:    {data['state']} ({title})")
@@ -114,7 +93,7 @@ def show(app: AppContext, job_id: int, as_json: bool) -> None:
         value = data[key]
         if key == "priority" and data["manual_priority"]:
             value = f"{value} (set by an admin, sticky)"
-        if key == "not_before" and data["state"] != "PENDING":
+        if key == "not_before" and data["state"] != spec.roles.queue:
             continue  # a retry time means nothing once the job has left the queue
         if value not in (None, "", []):
             click.echo(f"  {label + ':':<11} {when(value) if key == 'not_before' else value}")
@@ -137,36 +116,17 @@ def status(app: AppContext, as_json: bool) -> None:
     """Counts per state, jobs retracing, the queue in dispatch order, recent failures, jobs on hold."""
     now = utcnow()
     with app.transaction() as session:
-        counts = {s: 0 for s in STATES}
-        counts.update({s: n for s, n in session.execute(select(Job.state, func.count()).group_by(Job.state))})
-        retracing = list(session.scalars(select(Job).where(Job.state == "RETRACING").order_by(Job.started_at)))
-        queue = queue_order(session, 20)
-        failures = list(session.execute(
-            select(History, Job.package).join(Job, Job.id == History.job_id)
-            .where(History.trigger.in_(["retrace_failed", "heartbeat_lost", "upload_failed", "rescue_failed"]))
-            .order_by(History.id.desc()).limit(10)).all())
-        held = list(session.scalars(select(Job).where(Job.state == "ON_HOLD").order_by(Job.id)))
-    report: dict[str, Any] = {
-        "counts": counts,
-        "retracing": [{"id": j.id, "package": j.package, "worker": j.worker,
-                       "elapsed_s": int((now - j.started_at).total_seconds()) if j.started_at else None,
-                       "last_heartbeat": j.last_heartbeat} for j in retracing],
-        "queue": [{"id": j.id, "package": j.package, "priority": j.priority, "manual": j.manual_priority,
-                   "not_before": j.not_before, "offered": j.dispatched_at is not None} for j in queue],
-        "recent_failures": [{"job": h.job_id, "package": p, "trigger": h.trigger, "to": h.to_state,
-                             "reason": h.reason, "at": h.at} for h, p in failures],
-        "on_hold": [{"id": j.id, "package": j.package, "reason": j.hold_reason} for j in held],
-    }
+        report = reports.status(session, now)
     if as_json:
         emit_json(report)
         return
-    click.echo("Jobs per state: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    click.echo("Jobs per state: " + ", ".join(f"{s} {n}" for s, n in report["counts"].items()))
     click.echo("\nRetracing:")
     click.echo(table(["JOB", "PACKAGE", "WORKER", "ELAPSED"],
                      [[r["id"], r["package"], r["worker"], elapsed(r["elapsed_s"])] for r in report["retracing"]])
-               if retracing else "  none")
+               if report["retracing"] else "  none")
     click.echo("\nQueue (dispatch order):")
-    if queue:
+    if report["queue"]:
         click.echo(table(["JOB", "PACKAGE", "PRIORITY", "NOT BEFORE"],
                          [[q["id"], q["package"], f"{q['priority']}{' (manual)' if q['manual'] else ''}",
                            "now" if not q["not_before"] or q["not_before"] <= now
@@ -177,10 +137,10 @@ def status(app: AppContext, as_json: bool) -> None:
     click.echo("\nRecent failures:")
     click.echo(table(["JOB", "PACKAGE", "WHAT", "NOW", "REASON"],
                      [[f["job"], f["package"], f["trigger"], f["to"], f["reason"]]
-                      for f in report["recent_failures"]]) if failures else "  none")
+                      for f in report["recent_failures"]]) if report["recent_failures"] else "  none")
     click.echo("\nOn hold:")
     click.echo(table(["JOB", "PACKAGE", "REASON"], [[h["id"], h["package"], h["reason"]] for h in report["on_hold"]])
-               if held else "  none")
+               if report["on_hold"] else "  none")
 
 
 @cli.command()

@@ -1,9 +1,8 @@
-"""Spurious-failure patterns: errors an admin has recognised as transient (seed 003's "spurious failure")."""
+"""Spurious-failure patterns: errors an admin has recognised as transient, and the audit log of admin actions."""
 
 from __future__ import annotations
 
 import json
-import re
 
 import click
 from sqlalchemy import select
@@ -22,8 +21,7 @@ from retracer.cli.context import (
 )
 from retracer.errors import RetracerError
 from retracer.store.models import Audit, SpuriousPattern
-
-MAX_PATTERN = 500
+from retracer.workflow.policy import check_pattern
 
 
 @cli.group()
@@ -41,15 +39,7 @@ def spurious() -> None:
 def spurious_add(app: AppContext, pattern: str, reason: str, actor: str | None, dry_run: bool,
                  as_json: bool) -> None:
     """Register PATTERN, a case-insensitive regular expression searched in a failure's error text."""
-    try:
-        re.compile(pattern, re.IGNORECASE)
-    except re.error as exc:
-        raise RetracerError(f"{pattern!r} is not a regular expression: {exc}; quote it for the shell "
-                            f"and escape special characters (e.g. \\. for a dot)") from None
-    if not pattern.strip() or len(pattern) > MAX_PATTERN:
-        raise RetracerError(f"a pattern must be 1 to {MAX_PATTERN} characters")
-    if re.compile(pattern, re.IGNORECASE).search(""):
-        raise RetracerError(f"{pattern!r} matches the empty string, so it would make every failure transient")
+    check_pattern(pattern)
     who = actor_name(actor)
     with app.transaction() as session:
         if session.scalar(select(SpuriousPattern).where(SpuriousPattern.pattern == pattern)) is not None:

@@ -36,6 +36,7 @@ from retracer.config import Config
 from retracer.errors import MailError
 from retracer.mail.headers import address, clean
 from retracer.store.models import Mail, utcnow
+from retracer.workflow import load_spec
 
 
 class _HeaderClasses(HeaderRegistry):
@@ -180,10 +181,10 @@ def _render(template: Template, values: Mapping[str, Any], notice: Notice) -> st
 
 def _check(notice: Notice) -> None:
     """Refuse what Launchpad refuses: a mail that could not tell its reader what to do."""
-    if notice.state == "FAILEDTOUPLOAD":
+    if notice.state == load_spec().roles.rescuable:
         log = notice.context.get("upload_log")
         if not isinstance(log, str) or not log.strip():
-            raise MailError(f"An upload log is required for FAILEDTOUPLOAD notifications: job {notice.job_id} "
+            raise MailError(f"An upload log is required for {notice.state} notifications: job {notice.job_id} "
                             f"has none, and without it nobody can tell why the upload failed or rescue it. "
                             f"The upload.failed event must carry upload_log.")
 

@@ -217,7 +217,7 @@ class Service:
                 error = f"no heartbeat from worker {job.worker or '?'} for {silent}s " \
                         f"(timeout {self.config['service']['heartbeat_timeout_s']}s)"
                 # The version makes the id unique per stale episode, so two services cannot both fire it.
-                self.applier.fire(session, job.id, "heartbeat_lost", by="service:watchdog",
+                self.applier.fire(session, job.id, self.applier.workflow.roles.watchdog, by="service:watchdog",
                                   data={"error": error, "transient": True},
                                   event_id=f"watchdog:{job.id}:{job.version_id}", policy=policy)
                 n += 1

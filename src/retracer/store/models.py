@@ -6,9 +6,7 @@ Launchpad makes direct writes to a build's status fail.
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,20 +29,10 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session, relationship, validates
 
 from retracer.errors import StateWriteRefused
+from retracer.workflow import load_spec, machine_is_writing
 
-STATES = ("PENDING", "RETRACING", "FAILEDTOUPLOAD", "FULLYBUILT", "ON_HOLD")
-
-_machine_writing: contextvars.ContextVar[bool] = contextvars.ContextVar("machine_writing", default=False)
-
-
-@contextmanager
-def machine_writes() -> Iterator[None]:
-    """Let the workflow machine (and nothing else) assign ``Job.state`` inside this block."""
-    token = _machine_writing.set(True)
-    try:
-        yield
-    finally:
-        _machine_writing.reset(token)
+#: The workflow's states, in the file's order: the only values the state column admits.
+STATES = tuple(load_spec().states)
 
 
 def utcnow() -> datetime:
@@ -132,7 +120,7 @@ class Job(Base):
 
     @validates("state")
     def _only_the_machine(self, key: str, value: str) -> str:
-        if not _machine_writing.get():
+        if not machine_is_writing():
             raise StateWriteRefused(
                 f"job {self.id}: state is written only by the workflow machine; "
                 f"fire a trigger (retracer.workflow.load().fire) instead of assigning {value!r}"
@@ -144,9 +132,9 @@ class Job(Base):
 
 
 class JobRecord:
-    """A job's columns as a plain object outside any session: the jobs of the batch apply path (applier.py).
+    """A job's columns as a plain object outside any session: the jobs of the batch apply path (retracer.apply).
 
-    The batch writes its jobs itself (bulk.py, from ``__dict__``); a mapped Job's instrumented attributes
+    The batch writes its jobs itself (retracer.store.bulk, from ``__dict__``); a mapped Job's instrumented attributes
     would track every assignment for a session it is never in (~15% of the embedded apply path). Unset
     columns read None, as on a new Job, and the state is still written by the workflow machine alone.
     """

@@ -118,8 +118,10 @@ def rescue(config: Config, factory: sessionmaker[Session], job_id: int, by: str,
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFound(job_id)
-        if not applier.workflow.candidates("rescue", job.state):
-            raise TransitionRefused(job.id, job.state, "rescue", "only a FAILEDTOUPLOAD job has an upload to rescue",
+        roles = applier.workflow.roles
+        if not applier.workflow.candidates(roles.rescue, job.state):
+            raise TransitionRefused(job.id, job.state, roles.rescue,
+                                    f"only a {roles.rescuable} job has an upload to rescue",
                                     applier.workflow.allowed_from(job.state))
         leaf = job.upload_leaf
         expected = spool.ExpectedJob(job.id, job.crash_id, list(job.build_ids or []), job.state)
@@ -134,7 +136,7 @@ def rescue(config: Config, factory: sessionmaker[Session], job_id: int, by: str,
         else:
             spool.restore_failed(config.spool_dir, leaf)
             result = spool.process(config.spool_dir, leaf, expected, limits, config.results_dir, move=False)
-        trigger = "rescue" if result.accepted else "rescue_failed"
+        trigger = roles.rescue if result.accepted else roles.rescue_failed
         with factory() as session:
             session.begin()
             try:

@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeGuard
 from retracer.config import Config
 from retracer.errors import ConfigError, UploadRejected
 from retracer.events import HEX, SAFE_NAME
+from retracer.workflow import load_spec
 
 INCOMING = "incoming"
 ACCEPTED = "accepted"
@@ -44,8 +45,6 @@ MANIFEST_KEYS = ("job", "crash_id", "build_ids", "worker")
 MAX_MANIFEST_BYTES = 64 * 1024
 #: The events contract caps ``upload.accepted``'s ``result`` and ``upload.failed``'s ``upload_log`` at 1 MiB.
 MAX_EVENT_TEXT = 1024 * 1024
-#: Only a job waiting for its result may take one: RETRACING (a worker's upload) or FAILEDTOUPLOAD (a rescue).
-UPLOAD_STATES = ("RETRACING", "FAILEDTOUPLOAD")
 #: A hostile upload can hold millions of entries; after this many the log stops listing them.
 MAX_ENTRIES = 1000
 MAX_NAME = 255
@@ -80,7 +79,7 @@ class ExpectedJob:
     job_id: int
     crash_id: str
     build_ids: Sequence[str] = ()
-    state: str = "RETRACING"
+    state: str = field(default_factory=lambda: load_spec().roles.working)
 
 
 @dataclass(frozen=True)
@@ -182,13 +181,15 @@ def process(spool_dir: str | os.PathLike[str], leaf: str,
                             problems=tuple(problems))
     stored_at = Path(results_dir) / str(job.job_id) / BACKTRACE if results_dir is not None and job else None
     replayed = False
-    if job is not None and job.state not in UPLOAD_STATES:
+    roles = load_spec().roles
+    # Only a job waiting for its result may take one (a worker's upload, or a rescue).
+    if job is not None and job.state not in roles.takes_upload:
         # At-least-once: an upload already accepted may be processed again after a crash; same bytes, same verdict.
-        replayed = (job.state == "FULLYBUILT" and inspection.raw is not None and stored_at is not None
+        replayed = (job.state == roles.success and inspection.raw is not None and stored_at is not None
                     and _holds(stored_at, inspection.raw))
         if not replayed:
             problems.append(f"job {job.job_id} is {job.state}, not waiting for a result "
-                            f"({' or '.join(UPLOAD_STATES)}); this upload is late or a duplicate: look at "
+                            f"({' or '.join(roles.takes_upload)}); this upload is late or a duplicate: look at "
                             f"`retracer show {job.job_id}`")
     accepted = not problems and job is not None and inspection.text is not None
     result_text: str | None = None

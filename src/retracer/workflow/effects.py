@@ -1,81 +1,102 @@
-"""What a transition does to a job's fields besides its state.
+"""What a transition does to a job's fields besides its state, by the effect name the workflow file gives it.
 
-The workflow file decides whether a trigger may fire and where it leads; these functions only record its
-consequences (worker, times, attempts, logs, reasons) once it has. They run inside the same transaction.
+The workflow file decides whether a trigger may fire, where it leads and which effect it has; these
+functions only record its consequences (worker, times, attempts, logs, reasons) once it has. They run inside
+the same transaction, and each returns the reason to write in the job's history (None: nothing to add to
+what the admin gave).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from retracer.store.models import Job
-from retracer.workflow import Change
-from retracer.workflow.guards import TriggerContext
-from retracer.workflow.policy import FailurePolicy
+from retracer.workflow.context import Change, TriggerContext
 
-Effect = Callable[[Job, Change, TriggerContext, datetime], None]
+if TYPE_CHECKING:
+    from retracer.store.models import Job
+
+Effect = Callable[["Job", Change, TriggerContext, datetime], "str | None"]
+
+#: The crash.submitted fields a new job copies.
+CRASH_FIELDS = ("crash_id", "creator", "package", "version", "architecture", "release", "core", "executable")
 
 
-def _submit(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def create(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """A crash report becomes a job: its crash fields, build-ids and priority; no attempts yet."""
     d = ctx.data
-    for name in ("crash_id", "creator", "package", "version", "architecture", "release", "core", "executable"):
+    for name in CRASH_FIELDS:
         setattr(job, name, d[name])
     job.build_ids = list(d.get("build_ids", []))
     job.priority = int(d.get("priority", 0))
     job.manual_priority = False
     job.attempts = 0
     job.created_at = now
+    return None
 
 
-def _start(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def worker_took(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """A worker holds the job: who, since when, its first heartbeat; the offer is taken."""
     job.worker = ctx.data["worker"]
     job.started_at = job.started_at or now
     job.last_heartbeat = now
     job.dispatched_at = None
+    return None
 
 
-def _heartbeat(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def worker_alive(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """The worker is alive."""
     job.last_heartbeat = now
     job.worker = ctx.data.get("worker", job.worker)
+    return None
 
 
-def _uploaded(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def uploaded(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """The result is stored: its leaf and text; the upload log of an earlier refusal is cleared."""
     job.upload_leaf = ctx.data.get("leaf", job.upload_leaf)
     job.result = ctx.data.get("result", job.result)
     job.upload_log = None
     job.finished_at = now
+    return None
 
 
-def _upload_failed(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def upload_refused(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """The result could not be uploaded: its leaf and the upload log that says why."""
     job.upload_leaf = ctx.data.get("leaf", job.upload_leaf)
     job.upload_log = ctx.data["upload_log"]
     job.finished_at = now
+    return _upload_reason(job)
 
 
-def _failed(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
-    """A failed attempt (worker error or lost heartbeat): back to the queue after a backoff, or held."""
-    job.attempts += 1
+def upload_refused_again(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """A rescued upload was refused again: the new upload log replaces the old."""
+    job.upload_log = ctx.data["upload_log"]
+    return _upload_reason(job)
+
+
+def retry_later(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """A failed attempt with attempts left: back to the queue, not before the policy's backoff."""
+    _failed(job, change)
     job.last_error = str(ctx.data.get("error", ""))
-    job.failure_pattern = change.notes.get("pattern")
-    # job.worker is kept: the mail and `show` say which worker had the failed attempt.
-    job.dispatched_at = None
-    job.last_heartbeat = None
-    policy = ctx.policy or FailurePolicy()
-    if change.dest == "PENDING":
-        job.not_before = now + policy.backoff(job.attempts)
-        return
-    job.not_before = None
-    first_line = job.last_error.strip().splitlines()[0][:300] if job.last_error.strip() else "no error text"
-    if change.notes.get("transient") or change.trigger == "heartbeat_lost":
-        why = f"retries exhausted after {job.attempts} of {policy.max_attempts} attempts"
-    else:
-        why = f"permanent failure on attempt {job.attempts}"
-    pattern = f"; matched transient pattern {job.failure_pattern!r}" if job.failure_pattern else ""
-    job.hold_reason = f"{why}{pattern}; last error: {first_line}"
+    job.not_before = now + ctx.policy.backoff(job.attempts)
+    first = job.last_error.strip().splitlines()
+    return f"attempt {job.attempts} failed: {first[0][:300] if first else 'no error text'}"
 
 
-def _retry(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def hold_failed(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """A failed attempt with none left, or a permanent failure (the is_transient guard's verdict says which):
+    held, with a reason naming the attempts, the pattern and the error."""
+    return _hold_after_failure(job, change, ctx, bool(change.notes.get("transient")))
+
+
+def hold_exhausted(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """A failed attempt that is transient by nature (a lost worker) with none left: held, retries exhausted."""
+    return _hold_after_failure(job, change, ctx, True)
+
+
+def reset(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """Back to the queue with its attempts reset and every trace of the last try cleared; the crash is kept."""
     job.attempts = 0
     job.not_before = None
     job.hold_reason = None
@@ -83,41 +104,65 @@ def _retry(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None
     job.worker = None
     job.dispatched_at = None
     job.finished_at = None
+    return None
 
 
-def _hold(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def park(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """Parked by an admin, with the admin's reason; no longer offered."""
     job.hold_reason = (ctx.reason or "").strip()
     job.dispatched_at = None
     job.not_before = None
+    return None
 
 
-def _release(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def unpark(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """Back to the queue after a hold, at once."""
     job.hold_reason = None
     job.not_before = None
     job.worker = None
+    return None
 
 
-def _reprioritize(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
+def set_priority(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """An admin's priority, sticky: automatic scoring never overrides it."""
     job.priority = int(ctx.data["priority"])
     job.manual_priority = True
+    return None
 
 
-def _rescue_failed(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> None:
-    job.upload_log = ctx.data["upload_log"]
+def _failed(job: Job, change: Change) -> None:
+    job.attempts += 1
+    job.failure_pattern = change.notes.get("pattern")
+    # job.worker is kept: the mail and `show` say which worker had the failed attempt.
+    job.dispatched_at = None
+    job.last_heartbeat = None
+
+
+def _hold_after_failure(job: Job, change: Change, ctx: TriggerContext, transient: bool) -> str:
+    _failed(job, change)
+    job.last_error = str(ctx.data.get("error", ""))
+    job.not_before = None
+    job.hold_reason = ctx.policy.hold_reason(job.attempts, transient, job.failure_pattern, job.last_error)
+    return job.hold_reason
+
+
+def _upload_reason(job: Job) -> str | None:
+    first = (job.upload_log or "").strip().splitlines()
+    return f"upload failed: {first[0][:300]}" if first else None
 
 
 EFFECTS: dict[str, Effect] = {
-    "submit": _submit,
-    "start": _start,
-    "heartbeat": _heartbeat,
-    "upload_accepted": _uploaded,
-    "rescue": _uploaded,
-    "upload_failed": _upload_failed,
-    "rescue_failed": _rescue_failed,
-    "retrace_failed": _failed,
-    "heartbeat_lost": _failed,
-    "retry": _retry,
-    "hold": _hold,
-    "release": _release,
-    "reprioritize": _reprioritize,
+    "create": create,
+    "worker_took": worker_took,
+    "worker_alive": worker_alive,
+    "uploaded": uploaded,
+    "upload_refused": upload_refused,
+    "upload_refused_again": upload_refused_again,
+    "retry_later": retry_later,
+    "hold_failed": hold_failed,
+    "hold_exhausted": hold_exhausted,
+    "reset": reset,
+    "park": park,
+    "unpark": unpark,
+    "set_priority": set_priority,
 }

@@ -7,26 +7,12 @@ transition it protects. Guards never change the job.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from retracer.workflow.context import TriggerContext
 
 if TYPE_CHECKING:
     from retracer.store.models import Job
-    from retracer.workflow.policy import FailurePolicy
-
-
-@dataclass
-class TriggerContext:
-    """What a trigger carries besides the job: the event's data, who fired it and why, and the policy."""
-
-    data: dict[str, Any] = field(default_factory=dict)
-    by: str = ""
-    reason: str | None = None
-    event_id: str | None = None
-    policy: FailurePolicy | None = None
-    # Filled by guards that classify (is_transient) so effects and mails can say what matched.
-    notes: dict[str, Any] = field(default_factory=dict)
-
 
 Guard = Callable[["Job", TriggerContext], bool]
 
@@ -44,8 +30,6 @@ def has_reason(job: Job, ctx: TriggerContext) -> bool:
 
 def is_transient(job: Job, ctx: TriggerContext) -> bool:
     """The worker said so, or the error matches a built-in or admin-registered pattern."""
-    if ctx.policy is None:
-        return bool(ctx.data.get("transient"))
     verdict = ctx.policy.classify(str(ctx.data.get("error", "")), ctx.data.get("transient"))
     ctx.notes["pattern"] = verdict.pattern
     ctx.notes["transient"] = verdict.transient
@@ -54,8 +38,7 @@ def is_transient(job: Job, ctx: TriggerContext) -> bool:
 
 def has_attempts_left(job: Job, ctx: TriggerContext) -> bool:
     """The attempt that just failed was not the last one the policy allows."""
-    max_attempts = ctx.policy.max_attempts if ctx.policy else 3
-    return job.attempts + 1 < max_attempts
+    return ctx.policy.attempts_left(job.attempts)
 
 
 GUARDS: dict[str, Guard] = {

@@ -18,6 +18,9 @@ from sqlalchemy.orm import Session
 from retracer.config import Config
 from retracer.events import WORK_REQUEST
 from retracer.store.models import Job, Outbox, utcnow
+from retracer.workflow import load_spec
+
+ROLES = load_spec().roles
 
 DISPATCH_LOCK_KEY = 0x7265_7472  # "retr": one advisory lock id for the dispatcher
 
@@ -26,24 +29,17 @@ def queue_query(now: datetime, dispatch_timeout: timedelta) -> Select[Job]:
     """PENDING jobs that may be offered now, in dispatch order."""
     return (
         select(Job)
-        .where(Job.state == "PENDING")
+        .where(Job.state == ROLES.queue)
         .where(or_(Job.not_before.is_(None), Job.not_before <= now))
         .where(or_(Job.dispatched_at.is_(None), Job.dispatched_at <= now - dispatch_timeout))
         .order_by(Job.manual_priority.desc(), Job.priority.desc(), Job.id)
     )
 
 
-def queue_order(session: Session, limit: int = 50) -> list[Job]:
-    """Every PENDING job in the order it will be dispatched (waiting ones after the ready ones)."""
-    return list(session.scalars(
-        select(Job).where(Job.state == "PENDING")
-        .order_by(Job.manual_priority.desc(), Job.priority.desc(), Job.id).limit(limit)))
-
-
 def busy_slots(session: Session, now: datetime, dispatch_timeout: timedelta) -> int:
     return int(session.scalar(select(func.count()).select_from(Job).where(or_(
-        Job.state == "RETRACING",
-        and_(Job.state == "PENDING", Job.dispatched_at.is_not(None),
+        Job.state == ROLES.working,
+        and_(Job.state == ROLES.queue, Job.dispatched_at.is_not(None),
              Job.dispatched_at > now - dispatch_timeout)))) or 0)
 
 
@@ -80,5 +76,5 @@ def stale_jobs(session: Session, config: Config, now: datetime | None = None) ->
     now = now or utcnow()
     limit = now - timedelta(seconds=config["service"]["heartbeat_timeout_s"])
     return list(session.scalars(
-        select(Job).where(Job.state == "RETRACING", Job.last_heartbeat < limit)
+        select(Job).where(Job.state == ROLES.working, Job.last_heartbeat < limit)
         .order_by(Job.id).limit(500).with_for_update(skip_locked=True)))
