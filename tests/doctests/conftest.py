@@ -1,31 +1,174 @@
 """Each spec runs in a fresh embedded instance: its own data directory, a migrated SQLite database.
 
-Names every spec can use without importing: ``retracer`` (run a command line and print its output),
-``data_dir`` (the instance's directory) and ``env`` (the environment the commands see).
+The specs show only what an admin types and reads, so everything else is here, in the namespace every spec
+can use without importing:
+
+``retracer``
+    Run a command line and print its output (and ``[exit N]`` when it fails).
+``data_dir``, ``spool``
+    The instance's data directory and its upload spool.
+``env``
+    The environment the commands see; a spec changes the configuration by setting a variable in it.
+``event(type, job, **data)``
+    A valid event, as a worker or an uploader would publish it.
+``publish(*events)``
+    Write the events to a file of JSON lines and run ``retracer publish FILE``.
+``deliver(*events)``
+    ``publish`` them, then run ``retracer serve --until-idle --log-level ERROR``, which applies them,
+    dispatches work, processes the spool and sends mail.
+``worker_upload(leaf, manifest, backtrace, worker_log)``
+    Put an upload in the spool's ``incoming/`` the way a worker does; returns its directory.
+``spool_contents()``
+    Print which uploads are in the spool's ``incoming/``, ``failed/`` and ``accepted/``.
+``delivered(job=None)``
+    The mails in the instance's mailbox file (about ``job`` only, if given), by state and recipient.
+``body(mail)``
+    The plain-text body of a mail, from the mailbox file or from the SMTP server.
+``smtp``
+    A real SMTP server running in this process (``smtp.url``; ``smtp.pop()`` takes what it received).
+``retry_delay(attempt)``
+    How long the instance's failure policy waits after failed attempt ``attempt``.
+``render_notification_without_upload_log(mail_id)``
+    Render an outbox mail as if its job had no upload log (which the event bus never lets happen).
+``time``
+    The standard module, for the specs that wait for a deadline to pass.
+
+Whatever a spec starts (the SMTP server, the logs of ``serve``) is stopped here, after the spec.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import mailbox
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from retracer.config import load
+from retracer.mail.render import Notice, render
+from retracer.store import make_engine, session_factory, transaction
+from retracer.store.models import Mail
+from retracer.testing.factories import event
 from retracer.testing.shell import Shell
+from retracer.testing.smtp import CaptureServer
+from retracer.uploads.spool import write_upload
+from retracer.workflow.policy import FailurePolicy
+
+ADMINS = "celso.providelo@example.com,foo.bar@example.com"
+
+
+def _publisher(retracer: Shell, data_dir: Path) -> Callable[..., None]:
+    def publish(*events: dict[str, Any]) -> None:
+        path = data_dir / "events.jsonl"
+        path.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+        retracer(f"publish {path}")
+
+    return publish
+
+
+def _deliverer(retracer: Shell, publish: Callable[..., None]) -> Callable[..., None]:
+    def deliver(*events: dict[str, Any]) -> None:
+        publish(*events)
+        retracer("serve --until-idle --log-level ERROR")
+
+    return deliver
+
+
+def _worker_upload(spool: Path) -> Callable[[str, dict[str, Any], str, str], Path]:
+    def worker_upload(leaf: str, manifest: dict[str, Any], backtrace: str, worker_log: str) -> Path:
+        return write_upload(spool, leaf, manifest, backtrace, worker_log)
+
+    return worker_upload
+
+
+def _spool_contents(spool: Path) -> Callable[[], None]:
+    def spool_contents() -> None:
+        for sub in ("incoming", "failed", "accepted"):
+            directory = spool / sub
+            leaves = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+            print(f"{sub + '/':<10}", ", ".join(leaves) or "-")
+
+    return spool_contents
+
+
+def _delivered(data_dir: Path) -> Callable[..., list[mailbox.mboxMessage]]:
+    def delivered(job: int | None = None) -> list[mailbox.mboxMessage]:
+        box = mailbox.mbox(str(data_dir / "mail" / "outbox.mbox"), create=False)
+        try:
+            mails = [m for m in box if job is None or m["X-Retracer-Job"] == str(job)]
+        finally:
+            box.close()
+        return sorted(mails, key=lambda m: (str(m["X-Retracer-Job-State"]), str(m["To"])))
+
+    return delivered
+
+
+def body(mail: Message) -> str:
+    """The plain-text part of ``mail``, decoded."""
+    plain = next(p for p in mail.walk() if p.get_content_type() == "text/plain")
+    payload = plain.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload.decode(plain.get_content_charset() or "utf-8")
+
+
+def _retry_delay(env: dict[str, str]) -> Callable[[int], timedelta]:
+    def retry_delay(attempt: int) -> timedelta:
+        return FailurePolicy.from_config(load(environ=env)["policy"]).backoff(attempt)
+
+    return retry_delay
+
+
+def _render_without_upload_log(env: dict[str, str]) -> Callable[[int], None]:
+    def render_notification_without_upload_log(mail_id: int) -> None:
+        config = load(environ=env)
+        engine = make_engine(config.database_url)
+        try:
+            with transaction(session_factory(engine)) as session:
+                mail = session.get(Mail, mail_id)
+                if mail is None:
+                    raise LookupError(f"no mail {mail_id} in the outbox")
+                notice = Notice.from_mail(mail)
+        finally:
+            engine.dispose()
+        render(notice.with_context(upload_log=None), config)
+
+    return render_notification_without_upload_log
+
+
+@pytest.fixture
+def smtp() -> Iterator[CaptureServer]:
+    """A real SMTP server in this process; a spec points ``RETRACER__MAIL__URL`` at ``smtp.url`` to use it."""
+    with CaptureServer() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
 def _embedded_instance(doctest_namespace: dict[str, Any], tmp_path: Path, sqlite_template: Path,
-                       monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+                       monkeypatch: pytest.MonkeyPatch, smtp: CaptureServer) -> Iterator[None]:
     data_dir = tmp_path / "retracer"
     data_dir.mkdir()
     shutil.copy(sqlite_template, data_dir / "retracer.db")
-    env = {"RETRACER__SERVICE__DATA_DIR": str(data_dir),
-           "RETRACER__MAIL__ADMINS": "celso.providelo@example.com,foo.bar@example.com"}
+    env = {"RETRACER__SERVICE__DATA_DIR": str(data_dir), "RETRACER__MAIL__ADMINS": ADMINS}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RETRACER_CONFIG", raising=False)
-    doctest_namespace.update(retracer=Shell(env), data_dir=data_dir, env=env)
+    retracer = Shell(env)
+    retracer.env = env  # one dict: what a spec sets in ``env``, the next command sees
+    spool = data_dir / "spool"
+    publish = _publisher(retracer, data_dir)
+    doctest_namespace.update(
+        retracer=retracer, data_dir=data_dir, env=env, spool=spool, event=event, publish=publish,
+        deliver=_deliverer(retracer, publish), worker_upload=_worker_upload(spool),
+        spool_contents=_spool_contents(spool), delivered=_delivered(data_dir), body=body, smtp=smtp,
+        retry_delay=_retry_delay(env),
+        render_notification_without_upload_log=_render_without_upload_log(env), time=time)
     yield
+    # `serve` sends its logs to the stream it was given; the next spec must not inherit that handler.
+    logging.getLogger("retracer").handlers.clear()
