@@ -27,17 +27,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from retracer import config as cfg
 from retracer import store
 from retracer.apply.applier import Applier, Outcome
-from retracer.reports import history_of
 from retracer.config import Config
 from retracer.errors import StateWriteRefused, TransitionRefused
 from retracer.events import TYPES
+from retracer.reports import history_of
 from retracer.service import Service
 from retracer.store import bulk
 from retracer.store.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, utcnow
-from retracer.workflow import machine_writes
 from retracer.testing.factories import crash_data, event
 from retracer.testing.logcapture import captured_logs
-from retracer.workflow import TransitionSpec, load
+from retracer.workflow import TransitionSpec, load, machine_writes
 
 WF = load()
 STATES = list(WF.states)

@@ -3,7 +3,7 @@
 `serve` in RabbitMQ mode is the events queue's single active consumer, so the broker's order is the order
 events are applied in. Applying is Python work (~150 µs an event) that one process does on one core; with
 PostgreSQL several transactions can commit at once, so `serve` hands each batch's parts to
-``service.apply_workers`` processes and acknowledges the batch once every part has committed:
+``[service] apply_workers`` processes and acknowledges the batch once every part has committed:
 
 - the order that matters is a job's own: all of a job's events go to one worker (job id modulo the number of
   workers), in their order in the batch, and the next batch is handed out only after this one committed;
@@ -33,9 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from retracer import events as ev
 from retracer import logs, store
 from retracer.apply.applier import Outcome, reserve_ids
+from retracer.apply.runner import Runner, unavailable
 from retracer.config import Config
 from retracer.errors import DatabaseUnavailable, RetracerError
-from retracer.service import Service, unavailable
 from retracer.testing import faults
 
 log = logging.getLogger("retracer.serve")
@@ -191,7 +191,7 @@ def _work(pipe: Connection, config: Config, level: str, parent: int) -> None:
     faults.take_down(parent)
     logs.setup(level)
     engine = store.make_engine(config.database_url)
-    service = Service(config, store.session_factory(engine))
+    runner = Runner(config, store.session_factory(engine))
     try:
         while True:
             try:
@@ -199,7 +199,7 @@ def _work(pipe: Connection, config: Config, level: str, parent: int) -> None:
             except (EOFError, OSError):  # serve closed the pipe, or died (a reset, before PR_SET_PDEATHSIG acts)
                 return
             try:
-                reply: tuple[str, Any] = ("ok", service.apply(bodies, fresh, job_ids))
+                reply: tuple[str, Any] = ("ok", runner.apply(bodies, fresh, job_ids))
             except Exception as exc:
                 if unavailable(exc):
                     reply = ("unavailable", str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:500])

@@ -1,5 +1,3 @@
-"""Event transports: the embedded inbox (no broker) and RabbitMQ (kombu over py-amqp).
-
-Both hand the service batches of raw event bodies; the service applies a batch in one transaction and
-only then acknowledges it, so a kill at any point leaves every event either applied or still queued.
-"""
+"""The bus: where events come from and where messages go. ``base`` is the protocol the service depends on;
+``embedded`` (an inbox table in the job database), ``amqp`` (RabbitMQ) and ``stub`` (in memory, for tests)
+implement it, and ``connect.open_bus`` picks the configured one."""

@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 from kombu import Connection, Consumer, Exchange, Queue, binding
 from kombu.mixins import ConsumerMixin
 
+from retracer.bus import base
+from retracer.bus.base import Pending, Sink
 from retracer.config import Config
 from retracer.errors import BrokerError
 from retracer.events import TYPES, WORK_REQUEST
@@ -104,16 +106,14 @@ class Publisher:
             raise BrokerError(f"could not publish {routing_key} {message_id} to "
                               f"{self.connection.as_uri()}: {exc}") from None
 
+    def publish_all(self, messages: Sequence[tuple[str, str, str]]) -> None:
+        """Each message confirmed before the next is sent (a broker has no transaction across them)."""
+        for message in messages:
+            self.publish(*message)
+
     def close(self) -> None:
         if self._owns:
             self.connection.release()
-
-
-class Pending(Protocol):
-    """A batch being applied elsewhere (parallel.py's workers): ``result()`` waits and gives the verdicts, or
-    raises if the batch could not be committed."""
-
-    def result(self) -> Sequence[bool]: ...
 
 
 #: (bodies, fresh: no delivery of the batch was ever delivered before) -> per body, ack (True) or reject
@@ -264,3 +264,43 @@ class BatchConsumer(ConsumerMixin):
     def stop(self) -> None:
         """Finish the batch in hand, ack it, then leave the consume loop."""
         self.stopping = True
+
+
+class AmqpBus:
+    """RabbitMQ: events on the events queue, work requests relayed from the outbox to the work queue."""
+
+    name = "rabbitmq"
+    relays_outbox = True
+    delivers = True
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def consumer(self) -> base.Consumer:
+        return _AmqpConsumer(self.config)
+
+    def publisher(self) -> Publisher:
+        return Publisher(self.config)
+
+    def describe(self) -> str:
+        return f"exchange {self.config['broker']['exchange']!r}"
+
+
+class _AmqpConsumer:
+    """The events queue's consumer for a sink; runs until stopped (a broker cannot say it is idle)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.batches: BatchConsumer | None = None
+        self.stopping = False
+
+    def run(self, sink: Sink, until_idle: bool) -> None:
+        self.batches = BatchConsumer(self.config, sink.apply_deliveries, idle=sink.run_chores)
+        if self.stopping or sink.stop_event.is_set():
+            return
+        self.batches.run_until_stopped()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.batches is not None:
+            self.batches.stop()

@@ -13,8 +13,12 @@ from typing import Any
 import click
 
 from retracer.apply.applier import Applier
+from retracer.apply.runner import Runner
 from retracer.cli import cli
 from retracer.cli.context import AppContext, actor_name, actor_option, dry_run_option, emit_json, json_option, pass_app
+from retracer.store.models import Job
+from retracer.uploads.intake import process_incoming
+from retracer.uploads.intake import rescue as rescue_upload
 from retracer.workflow import Change, load
 
 reason_option = click.option("--reason", default=None, help="Why (kept in the job's history).")
@@ -28,8 +32,6 @@ def run_admin_trigger(app: AppContext, job_id: int, trigger: str, actor: str | N
         session.begin()
         try:
             change = Applier(app.config).fire(session, job_id, trigger, by=who, reason=reason, data=data)
-            from retracer.store.models import Job
-
             job = session.get(Job, job_id)
             snapshot = {"attempts": job.attempts, "priority": job.priority, "hold_reason": job.hold_reason} \
                 if job else {}
@@ -119,10 +121,8 @@ def rescue(app: AppContext, job_id: int, reason: str | None, actor: str | None, 
     Accepted: the job becomes FULLYBUILT and its upload log is cleared. Refused again: it stays FAILEDTOUPLOAD
     with the new upload log, and the command exits 1. --dry-run runs every check and changes nothing.
     """
-    from retracer.uploads.intake import rescue as do_rescue
-
     who = actor_name(actor)
-    done = do_rescue(app.config, app.factory, job_id, who, reason, dry_run)
+    done = rescue_upload(app.config, app.factory, job_id, who, reason, dry_run)
     if as_json:
         emit_json({**done.to_dict(), "by": who})
     else:
@@ -155,11 +155,8 @@ def process_upload(app: AppContext, leaf: str | None, dry_run: bool, as_json: bo
     Each upload is checked, its backtrace stored, its upload.accepted / upload.failed event applied, and it
     is moved to accepted/ or failed/. --dry-run runs every check and reports; nothing is stored or moved.
     """
-    from retracer.service import Service
-    from retracer.uploads.intake import process_incoming
-
-    service = Service(app.config, app.factory)
-    done = process_incoming(app.config, app.factory, service.apply, leaf=leaf, dry_run=dry_run)
+    done = process_incoming(app.config, app.factory, Runner(app.config, app.factory).apply, leaf=leaf,
+                            dry_run=dry_run)
     if as_json:
         emit_json([{"leaf": r.leaf, "job": r.job_id, "accepted": r.accepted, "upload_log": r.upload_log,
                     "moved_to": str(r.moved_to) if r.moved_to else None, "dry_run": dry_run,

@@ -14,6 +14,7 @@ from retracer import events as ev
 from retracer import logs, reports
 from retracer.apply.applier import Applier
 from retracer.bus import embedded
+from retracer.bus.connect import open_bus
 from retracer.cli import cli
 from retracer.cli.context import AppContext, actor_name, actor_option, emit_json, json_option, pass_app, table, when
 from retracer.errors import DatabaseUnavailable, InvalidEvent, RetracerError
@@ -73,20 +74,13 @@ def publish(app: AppContext, source: TextIO, as_json: bool) -> None:
     """
     name = "<stdin>" if source is sys.stdin or getattr(source, "name", "-") in ("-", "<stdin>") else source.name
     found = _read_events(source, name)
-    if app.config.embedded_bus:
-        with app.transaction() as session:
-            embedded.append(session, [e.to_json() for e in found])
-        where = "the embedded inbox"
-    else:
-        from retracer.bus.amqp import Publisher
-
-        publisher = Publisher(app.config)
-        try:
-            for e in found:
-                publisher.publish(e.type, e.to_json(), e.id)
-        finally:
-            publisher.close()
-        where = f"exchange {app.config['broker']['exchange']!r}"
+    bus = open_bus(app.config, app.factory)
+    publisher = bus.publisher()
+    try:
+        publisher.publish_all([(e.type, e.to_json(), e.id) for e in found])
+    finally:
+        publisher.close()
+    where = bus.describe()
     if as_json:
         emit_json({"published": len(found), "ids": [e.id for e in found]})
     else:
@@ -159,7 +153,7 @@ def work() -> None:
 @pass_app
 def work_take(app: AppContext, limit: int, as_json: bool) -> None:
     """Take the oldest work requests (retrace.requested) that `serve` has dispatched."""
-    if not app.config.embedded_bus:
+    if open_bus(app.config, app.factory).relays_outbox:
         raise RetracerError(f"with a broker, workers consume queue {app.config['broker']['work_queue']!r}")
     with app.transaction() as session:
         requests = embedded.take_work(session, limit)

@@ -1,7 +1,8 @@
-"""Handing PENDING jobs to workers: the queue order, max_parallel, not-before times, the heartbeat watchdog.
+"""The dispatch chore: queued jobs handed to workers in the queue's order, within max_parallel and their
+not-before times.
 
-The order is sticky manual priority first, then priority, then age (job id). A dispatched job stays PENDING
-with ``dispatched_at`` set until a worker's ``retrace.started`` moves it to RETRACING; an offer nobody takes
+The order is sticky manual priority first, then priority, then age (job id). A dispatched job stays queued
+with ``dispatched_at`` set until a worker's ``retrace.started`` moves it on; an offer nobody takes
 within ``dispatch_timeout_s`` is made again. Offers and RETRACING jobs together never exceed max_parallel:
 on PostgreSQL the count-then-offer runs under a transaction-scoped advisory lock, on SQLite under
 BEGIN IMMEDIATE, so several `serve` processes cannot both fill the same free slot.
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from retracer.config import Config
 from retracer.events import WORK_REQUEST
+from retracer.service.chores.registry import Chore, ChoreContext, Simple
 from retracer.store.models import Job, Outbox, utcnow
 from retracer.workflow import load_spec
 
@@ -71,10 +73,11 @@ def dispatch(session: Session, config: Config, now: datetime | None = None) -> l
     return jobs
 
 
-def stale_jobs(session: Session, config: Config, now: datetime | None = None) -> list[Job]:
-    """RETRACING jobs whose last heartbeat is older than the timeout."""
-    now = now or utcnow()
-    limit = now - timedelta(seconds=config["service"]["heartbeat_timeout_s"])
-    return list(session.scalars(
-        select(Job).where(Job.state == ROLES.working, Job.last_heartbeat < limit)
-        .order_by(Job.id).limit(500).with_for_update(skip_locked=True)))
+def make(ctx: ChoreContext) -> Chore:
+    def run() -> int:
+        with ctx.factory() as session, session.begin():
+            return len(dispatch(session, ctx.config))
+
+    return Simple(run)
+
+
