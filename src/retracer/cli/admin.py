@@ -18,7 +18,7 @@ from retracer.cli import cli
 from retracer.cli.context import AppContext, actor_name, actor_option, dry_run_option, emit_json, json_option, pass_app
 from retracer.store.models import Job
 from retracer.uploads.intake import process_incoming
-from retracer.uploads.intake import rescue as rescue_upload
+from retracer.uploads.rescue import rescue as rescue_upload
 from retracer.workflow import Change, load
 
 reason_option = click.option("--reason", default=None, help="Why (kept in the job's history).")

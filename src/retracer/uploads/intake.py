@@ -1,4 +1,4 @@
-"""Between the spool and the machine: the service's upload chore and the admin's rescue.
+"""Between the spool and the machine: uploads in incoming/ become upload.accepted / upload.failed events.
 
 Order matters for crash safety: an upload is checked and its result stored, then its event is committed,
 and only then is the directory filed away to accepted/ or failed/. A kill before the commit leaves the
@@ -14,18 +14,15 @@ import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import events as ev
-from retracer.apply.applier import Applier, Outcome
+from retracer.apply.applier import Outcome
 from retracer.config import Config
-from retracer.errors import JobNotFound, TransitionRefused, UploadRejected
 from retracer.store.models import Job
 from retracer.uploads import spool
-from retracer.workflow import Change
 
 
 @contextmanager
@@ -82,74 +79,3 @@ def process_incoming(config: Config, factory: sessionmaker[Session], apply: Any,
                 result = spool.file_away(config.spool_dir, result)
             done.append((result, outcome))
     return done
-
-
-@dataclass(frozen=True)
-class Rescue:
-    """What a rescue did (or, in a dry run, would do)."""
-
-    job_id: int
-    leaf: str
-    upload: spool.UploadResult
-    change: Change
-    dry_run: bool
-
-    @property
-    def succeeded(self) -> bool:
-        return self.upload.accepted
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"job": self.job_id, "leaf": self.leaf, "accepted": self.upload.accepted,
-                "from": self.change.source, "to": self.change.dest, "trigger": self.change.trigger,
-                "upload_log": None if self.upload.accepted else self.upload.upload_log,
-                "stored_at": str(self.upload.stored_at) if self.upload.stored_at else None,
-                "moved_to": str(self.upload.moved_to) if self.upload.moved_to else None, "dry_run": self.dry_run}
-
-
-def rescue(config: Config, factory: sessionmaker[Session], job_id: int, by: str, reason: str | None,
-           dry_run: bool = False) -> Rescue:
-    """Reprocess a FAILEDTOUPLOAD job's kept upload: FULLYBUILT if accepted, else FAILEDTOUPLOAD with the new log.
-
-    The dry run runs every check on the upload where it lies (failed/) and fires the trigger in a transaction
-    that is rolled back: nothing moves, nothing is stored, no state changes and no mail is queued.
-    """
-    applier = Applier(config)
-    with factory() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        roles = applier.workflow.roles
-        if not applier.workflow.candidates(roles.rescue, job.state):
-            raise TransitionRefused(job.id, job.state, roles.rescue,
-                                    f"only a {roles.rescuable} job has an upload to rescue",
-                                    applier.workflow.allowed_from(job.state))
-        leaf = job.upload_leaf
-        expected = spool.ExpectedJob(job.id, job.crash_id, list(job.build_ids or []), job.state)
-    if not leaf:
-        raise UploadRejected(f"job {job_id} has no upload leaf recorded, so there is no kept upload to rescue; "
-                             f"use `retracer retry {job_id}` to retrace it again")
-    limits = spool.Limits.from_config(config)
-    with spool_lock(config):
-        if dry_run:
-            result = spool.process(config.spool_dir, leaf, expected, limits, config.results_dir, dry_run=True,
-                                   source="failed")
-        else:
-            spool.restore_failed(config.spool_dir, leaf)
-            result = spool.process(config.spool_dir, leaf, expected, limits, config.results_dir, move=False)
-        trigger = roles.rescue if result.accepted else roles.rescue_failed
-        with factory() as session:
-            session.begin()
-            try:
-                change = applier.fire(session, job_id, trigger, by=by, reason=reason, data=result.to_event_data())
-            except BaseException:
-                session.rollback()
-                if not dry_run:  # put the upload back where the admin found it
-                    spool.file_away(config.spool_dir, replace(result, accepted=False))
-                raise
-            if dry_run:
-                session.rollback()
-            else:
-                session.commit()
-        if not dry_run:
-            result = spool.file_away(config.spool_dir, result)
-    return Rescue(job_id, leaf, result, change, dry_run)
