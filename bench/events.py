@@ -44,10 +44,11 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,8 @@ def applied_span(engine: Engine) -> float:
         lo, hi = conn.execute(text("SELECT min(at), max(at) FROM processed_event")).one()
     if isinstance(lo, str):  # SQLite through text(): no type processing
         lo, hi = datetime.fromisoformat(lo), datetime.fromisoformat(hi)
-    return (hi - lo).total_seconds()
+    span: timedelta = hi - lo
+    return span.total_seconds()
 
 
 def base_env(data_dir: Path, db_url: str, args: argparse.Namespace) -> dict[str, str]:
@@ -244,7 +246,7 @@ def broker_env(names: dict[str, str]) -> dict[str, str]:
 
 
 def delete_broker_objects(names: dict[str, str]) -> None:
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from retracer.bus.amqp import Topology
 
@@ -265,7 +267,7 @@ def pg_database(label: str) -> Iterator[str]:
 def publish_all(config: cfg.Config, mix: Mix) -> float:
     """Publish the mix persistently to the events exchange (no per-message confirm; the queue depth is
     checked instead); returns the publish rate."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from retracer.bus.amqp import Topology
 
@@ -441,7 +443,8 @@ def rss_figures(samples: list[tuple[int, float]], n: int) -> dict[str, Any]:
 
 def raw_consume_ack(args: argparse.Namespace, tmp: Path, mix: Mix, batch_ack: bool) -> dict[str, Any]:
     """kombu consume + ack alone, from a queue declared exactly as retracer's (queue type, DLX, single active)."""
-    from kombu import Connection, Consumer
+    from kombu.connection import Connection
+    from kombu.messaging import Consumer
 
     from retracer.bus.amqp import Topology
 
@@ -573,7 +576,7 @@ def serve_sqlite(args: argparse.Namespace, tmp: Path, background: int, label: st
             progress.append((times[-1] - start, done))
         return got
 
-    service.drain_inbox = timed_drain
+    service.drain_inbox = timed_drain  # type: ignore[method-assign]  # count each batch as it is drained
     say(f"[sqlite/{label}] draining {n} events ({mix.jobs} jobs, {background:,} background jobs)")
     with serve_logging(data_dir / "serve.log"):
         start = time.perf_counter()
@@ -620,7 +623,7 @@ def mix_waves(n_events: int, first_job: int) -> Iterator[list[tuple[str, str, st
 def soak(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """`retracer serve` (RabbitMQ + PostgreSQL) consumes --soak events fed while it runs (the queue is kept
     under 20,000 messages); its RSS and rate are reported at each tenth of the run (sampled every 2 s)."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from retracer.bus.amqp import Topology
 
@@ -871,16 +874,17 @@ def main() -> None:
         serve_sqlite(args, tmp, small, "warmup", n_events=min(args.events, 1000), quiet=True)
         for i in range(args.rounds):
             # With --rounds R each of these is measured R times, interleaved, and the best run kept.
-            for key, run, rate in (
-                ("pg_small", lambda i=i: serve_rabbitmq_pg(args, tmp, small, f"small{i}"), "events_per_s"),
+            runs: tuple[tuple[str, Callable[[], dict[str, Any]], str], ...] = (
+                ("pg_small", partial(serve_rabbitmq_pg, args, tmp, small, f"small{i}"), "events_per_s"),
                 # The same run with one applying process: what the apply workers add, measured side by side.
-                ("pg_one_process", lambda i=i: serve_rabbitmq_pg(args, tmp, small, f"one{i}", workers=1),
+                ("pg_one_process", partial(serve_rabbitmq_pg, args, tmp, small, f"one{i}", workers=1),
                  "events_per_s"),
                 ("raw_ack", lambda: raw_consume_ack(args, tmp, raw_mix, batch_ack=False), "per_s"),
                 ("raw_batch_ack", lambda: raw_consume_ack(args, tmp, raw_mix, batch_ack=True), "per_s"),
                 ("commit", lambda: pg_single_commit(args.commit_seconds), "per_s"),
-                ("sqlite_small", lambda i=i: serve_sqlite(args, tmp, small, f"small{i}"), "events_per_s"),
-            ):
+                ("sqlite_small", partial(serve_sqlite, args, tmp, small, f"small{i}"), "events_per_s"),
+            )
+            for key, run, rate in runs:
                 if key == "pg_one_process" and args.apply_workers < 2:
                     continue
                 got = run()

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,7 +113,7 @@ def main() -> None:
         engine = store.make_engine(db_url)
         factory = store.session_factory(engine)
         count = fill_outbox(Applier(config), factory, args.count)
-        modes = {
+        modes: dict[str, Callable[[], SmtpTransport]] = {
             f"pooled sender ({args.pool_size} reused connections)": lambda: SmtpTransport.from_config(config),
             "one connection per mail": lambda: SmtpTransport.from_config(config, pool_size=1, reuse=False),
         }

@@ -33,10 +33,10 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy
-from sqlalchemy import create_engine, text
+from sqlalchemy import Table, create_engine, text
 from sqlalchemy.engine import Engine
 
 from retracer import config as cfg
@@ -50,7 +50,7 @@ from retracer.workflow import FailurePolicy, TriggerContext, load
 BATCH = 200
 PG_ADMIN_URL = os.environ.get("RETRACER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 # (event type, data) for each step after crash.submitted; one transition each.
-LIFE = [
+LIFE: list[tuple[str, dict[str, Any]]] = [
     ("retrace.started", {"worker": "bench-worker"}),
     ("retrace.heartbeat", {"worker": "bench-worker"}),
     ("retrace.failed", {"error": "E: Failed to fetch http://archive/pool/x.deb", "transient": True}),
@@ -110,12 +110,12 @@ def fill(engine: Engine, count: int) -> float:
                     "upload_log": "background" if state == "FAILEDTOUPLOAD" else None,
                     "created_at": now - timedelta(seconds=count - i), "version_id": 1,
                 })
-            conn.execute(Job.__table__.insert(), jobs)
-            conn.execute(History.__table__.insert(), [
+            conn.execute(cast(Table, Job.__table__).insert(), jobs)
+            conn.execute(cast(Table, History.__table__).insert(), [
                 {"job_id": first_id + i, "from_state": None, "to_state": "PENDING", "trigger": "submit",
                  "event_id": f"bg-submit-{i}", "actor": "event:bg", "reason": None, "at": now}
                 for i in range(offset, offset + n)])
-            conn.execute(ProcessedEvent.__table__.insert(), [
+            conn.execute(cast(Table, ProcessedEvent.__table__).insert(), [
                 {"event_id": f"bg-submit-{i}", "job_id": first_id + i, "outcome": "applied", "at": now}
                 for i in range(offset, offset + n)])
         conn.execute(text("ANALYZE"))

@@ -75,7 +75,7 @@ class Config:
             if isinstance(values.get("url"), str):
                 values["url"] = _mask(values["url"])
         if shown["mail"].get("password"):
-            shown["mail"]["password"] = "********"
+            shown["mail"]["password"] = "********"  # noqa: S105  (the mask shown instead of the password)
         shown["derived"] = {
             "database": _mask(self.database_url),
             "bus": "embedded (inbox table in the database)" if self.embedded_bus else _mask(self.broker_url),
@@ -176,7 +176,8 @@ def load(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | N
     return Config(raw, origin, chosen)
 
 
-def _validate(raw: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], origin: dict[str, str]) -> list[str]:
+def _validate(  # noqa: C901  (one flat list of independent checks, so that every problem is reported at once)
+        raw: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], origin: dict[str, str]) -> list[str]:
     problems: list[str] = []
 
     def bad(section: str, key: str, why: str) -> None:

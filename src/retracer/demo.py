@@ -90,8 +90,8 @@ class Story:
 
     def command(self, *args: str) -> subprocess.CompletedProcess[str]:
         self.out(f"\n    $ RETRACER_CONFIG={self.config_path} retracer {' '.join(_quote(a) for a in args)}")
-        proc = subprocess.run([sys.executable, "-m", "retracer", *args], env=self.env(), capture_output=True,
-                              text=True, timeout=60)
+        proc = subprocess.run([sys.executable, "-m", "retracer", *args],  # noqa: S603  (our own command, no shell)
+                              env=self.env(), capture_output=True, text=True, timeout=60)
         for line in (proc.stdout + proc.stderr).rstrip().splitlines():
             self.out(f"    {line}")
         self.out("")

@@ -151,7 +151,7 @@ def parse_time(value: Any) -> datetime:
         raise ValueError("is out of range (years 1 to 9999 in UTC)") from None
 
 
-def parse(body: str | bytes | dict[str, Any]) -> Event:
+def parse(body: str | bytes | dict[str, Any]) -> Event:  # noqa: C901  (every field checked in one pass, all problems named)
     """Validate one event; raise InvalidEvent listing every problem found."""
     if isinstance(body, bytes | bytearray):
         if len(body) > MAX_BODY_BYTES:
@@ -211,7 +211,8 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:
                 problems.append(f"data.{name} {err}")
     if problems:
         raise InvalidEvent("; ".join(problems))
-    assert occurred is not None and isinstance(data, dict)  # for the type checker: no problems were found
+    if occurred is None or not isinstance(data, dict):  # unreachable once no problem was found
+        raise InvalidEvent("event could not be read")
     return Event(event_id, etype, job, occurred, raw["source"], data)  # type: ignore[arg-type]
 
 

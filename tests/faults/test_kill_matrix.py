@@ -24,6 +24,8 @@ from .scenario import (
     run_scenario,
 )
 
+pytestmark = pytest.mark.slow
+
 JOBS = int(os.environ.get("RETRACER_FAULTS_JOBS", "2200"))  # 2,200 scripts make >= 10,000 events
 MIN_KILLS = 20
 

@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -41,6 +41,8 @@ from .scenario import (
     read_mbox,
     wait_until,
 )
+
+pytestmark = pytest.mark.slow
 
 JOBS = 400  # about 1,900 events and 800 mails per run
 
@@ -212,7 +214,7 @@ def ext4_disk(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """
     image, mount = tmp_path / "disk.img", tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(f"truncate -s 256M {image} && mkfs.ext4 -q -F {image} && "
+    made = subprocess.run(f"truncate -s 256M {image} && mkfs.ext4 -q -F {image} && "  # noqa: S602  (paths we made)
                           f"mount -o loop,errors=remount-ro {image} {mount}", shell=True, capture_output=True,
                           text=True)
     if made.returncode != 0:
@@ -330,7 +332,7 @@ def test_batch_failed_in_an_outage_is_delivered_again(scaled: Instance) -> None:
     applied: list[str] = []
     failures: list[str] = []
 
-    def handle(bodies: list[bytes], fresh: bool) -> list[bool]:
+    def handle(bodies: Sequence[bytes], fresh: bool) -> list[bool]:
         if not failures:
             failures.append("first batch")
             raise OperationalError("COMMIT", {}, ConnectionRefusedError("connection to server failed"))

@@ -33,7 +33,7 @@ def scaled(tmp_path: Path, pg_database: str) -> Iterator[Instance]:
     inst.close()
 
 
-@pytest.fixture(params=["embedded", "scaled"])
+@pytest.fixture(params=["embedded", pytest.param("scaled", marks=[pytest.mark.postgres, pytest.mark.rabbitmq])])
 def instance(request: pytest.FixtureRequest) -> Instance:
     """Each test runs in both modes."""
     inst: Instance = request.getfixturevalue(request.param)

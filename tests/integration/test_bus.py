@@ -9,8 +9,7 @@ import time
 import pytest
 
 from retracer.testing.factories import crash_data, event
-
-from .conftest import Instance
+from retracer.testing.instance import Instance
 
 
 def state_of(inst: Instance, job: int) -> str | None:
@@ -128,7 +127,8 @@ class TestDrivenByEvents:
 
 def _drained(inst: Instance) -> bool:
     if "RETRACER__BROKER__URL" not in inst.env:
-        return inst.scalar("SELECT count(*) FROM inbox") == 0
+        pending: int = inst.scalar("SELECT count(*) FROM inbox")
+        return pending == 0
     return True
 
 
@@ -141,7 +141,7 @@ def _send_raw(inst: Instance, body: bytes, routing_key: str) -> None:
             conn.execute(text("INSERT INTO inbox (body, received_at) VALUES (:b, CURRENT_TIMESTAMP)"),
                          {"b": body.decode()})
         return
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from retracer import config
     from retracer.bus.amqp import Topology
@@ -189,6 +189,7 @@ class TestDispatch:
 
 
 @pytest.mark.usefixtures("pg_database")
+@pytest.mark.slow
 class TestSeveralServers:
     def test_two_servers_never_dispatch_twice_nor_exceed_max_parallel(self, scaled: Instance) -> None:
         """Two `serve` processes on one PostgreSQL share the work without double offers."""
@@ -209,10 +210,19 @@ class TestSeveralServers:
             for job in todo:
                 inst.publish(event("retrace.started", job, worker="w"), event("upload.accepted", job, leaf=f"l{job}"))
             for job in todo:
-                inst.wait_for(f"job {job}", lambda job=job: state_of(inst, job) == "FULLYBUILT")
+
+                def built(job: int = job) -> bool:
+                    return state_of(inst, job) == "FULLYBUILT"
+
+                inst.wait_for(f"job {job}", built)
             finished = inst.scalar("SELECT count(*) FROM job WHERE state = 'FULLYBUILT'")
             if finished < 20:
-                inst.wait_for("more offers", lambda n=len(offered): inst.scalar("SELECT count(*) FROM outbox") > n)
+
+                def more_offers(n: int = len(offered)) -> bool:
+                    outbox: int = inst.scalar("SELECT count(*) FROM outbox")
+                    return outbox > n
+
+                inst.wait_for("more offers", more_offers)
         for proc in servers:
             assert inst.stop(proc) == 0
         offered = [json.loads(b)["job"] for (b,) in inst.rows("SELECT body FROM outbox ORDER BY id")]
@@ -240,7 +250,7 @@ class TestEmbeddedProcesses:
 def test_topology_delete_takes_its_queues_and_exchanges_away(scaled: Instance) -> None:
     """Topology.delete (test and benchmark clean-up) removes exactly what declare made, messages included."""
     from amqp.exceptions import NotFound
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from retracer import config as cfg
     from retracer.bus.amqp import Publisher, Topology

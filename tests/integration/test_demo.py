@@ -8,6 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_demo_tells_the_story(tmp_path: Path) -> None:
     """The demo exits 0 within a minute, with every chapter shown and the instance left to explore."""

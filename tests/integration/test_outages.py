@@ -10,9 +10,11 @@ import time
 import pytest
 
 from retracer.testing.factories import crash_data, event
+from retracer.testing.instance import Instance
 
 from ..conftest import IN_CI
-from .conftest import Instance
+
+pytestmark = pytest.mark.slow
 
 
 def rabbitmqctl(*args: str) -> None:

@@ -22,9 +22,9 @@ from retracer.apply.pool import ApplyPool
 from retracer.errors import RetracerError
 from retracer.service import Service
 from retracer.testing.factories import crash_data, event
+from retracer.testing.instance import Instance
 
 from ..conftest import make_config, truncate_all
-from .conftest import Instance
 
 
 def dumps(*events: dict[str, Any] | bytes) -> list[bytes]:
@@ -88,7 +88,7 @@ class TestPool:
         assert {o.event_id: o.reason for o in split_second if o.status == "rejected"}.keys() == \
             {None, "beat-999", "beat-late-1"}
         with factory() as session:
-            states = dict(session.execute(text("SELECT id, state FROM job ORDER BY id")).all())
+            states: dict[int, str] = dict(session.execute(text("SELECT id, state FROM job ORDER BY id")).all())
             history = session.execute(text("SELECT count(*), count(DISTINCT event_id) FROM history")).one()
         assert states == {**{j: "FULLYBUILT" for j in range(1, 7)}, 7: "RETRACING"}
         assert history == (6 * 3 + 2, 6 * 3 + 2), "one history row per recorded event (heartbeats are not)"

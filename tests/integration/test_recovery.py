@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 from retracer.testing.factories import crash_data, event
+from retracer.testing.instance import Instance
 from retracer.uploads import spool
-
-from .conftest import Instance
 
 GOOD = "#0  0x0000555555555149 in main () at crash.c:4\n#1  0x00007ffff7df0d90 in __libc_start_call_main ()\n"
 USELESS = "#0  0x0000555555555149 in ?? ()\n#1  0x00007ffff7df0d90 in ?? ()\n"

@@ -28,7 +28,7 @@ def write(tmp_path: Path, text: str, name: str = "retracer.toml") -> Path:
     return path
 
 
-def error_of(path: Path | None = None, **env: str) -> str:
+def error_of(path: Path | None = None, /, **env: str) -> str:
     """The ConfigError message for loading ``path`` with ``env`` (the test fails if it loads)."""
     with pytest.raises(ConfigError) as exc:
         cfg.load(path, environ=env)

@@ -432,6 +432,7 @@ def test_parse_only_raises_invalid_event(body: Any) -> None:
     try:
         event = ev.parse(body)
     except InvalidEvent as exc:
-        assert str(exc)
+        message = str(exc)
+        assert message, "an InvalidEvent always says what is wrong"
     else:
         assert event.type in TYPES and event.occurred_at.utcoffset() == timedelta(0)

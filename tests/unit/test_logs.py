@@ -13,8 +13,8 @@ def record(**extra: object) -> logging.LogRecord:
 
 
 def test_one_line_per_entry_with_the_record_fields() -> None:
-    entries = [{"event_id": "e-1", "job": 3, "from": "PENDING", "to": "RETRACING"},
-               {"event_id": "e-2", "job": None, "note": 'quote " and\nnewline'}]
+    entries: list[dict[str, object]] = [{"event_id": "e-1", "job": 3, "from": "PENDING", "to": "RETRACING"},
+                                        {"event_id": "e-2", "job": None, "note": 'quote " and\nnewline'}]
     lines = JsonFormatter().format(record(**{LINES: entries})).split("\n")
     assert len(lines) == 2
     parsed = [json.loads(line) for line in lines]

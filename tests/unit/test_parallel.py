@@ -137,9 +137,10 @@ class TestBatchInFlight:
         channel = Channel(log)
         for tag in range(1, 4):
             c.on_message(Message(tag, channel))
+        c.on_message(Message(4, channel))
+        c.on_message(Message(5, channel))
         with pytest.raises(RuntimeError, match="went away"):
-            for tag in range(4, 7):
-                c.on_message(Message(tag, channel))
+            c.on_message(Message(6, channel))
         for tag in range(7, 10):
             c.on_message(Message(tag, channel))
         assert log == ["handle 1", "result 1"], "no ack at all, and batch 4 never handed over"

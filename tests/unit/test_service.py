@@ -14,6 +14,7 @@ from retracer import config as cfg
 from retracer.apply.applier import Applier
 from retracer.bus import embedded
 from retracer.service import Service
+from retracer.service.chores.registry import Simple
 from retracer.store.models import Inbox, Job, Rejected
 from retracer.testing.factories import crash_data, event
 from retracer.testing.logcapture import captured_logs
@@ -92,7 +93,11 @@ class TestChores:
         def bug() -> int:
             raise KeyError("oops")
 
-        service.chores = [("watchdog", gone), ("dispatch", bug), ("mail", lambda: ran.append("mail") or 0)]
+        def mail() -> int:
+            ran.append("mail")
+            return 0
+
+        service.chores = [("watchdog", Simple(gone)), ("dispatch", Simple(bug)), ("mail", Simple(mail))]
         with captured_logs() as records:
             service.run_chores()
         assert ran == ["mail"]

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -576,7 +576,7 @@ class TestBulkWrites:
         """The staging table is emptied after each use: a second update in the same transaction does not
         write the first one's rows again (the version counter moves once per write)."""
         a, b = world.submit(), world.submit()
-        table = Job.__table__
+        table = cast(Table, Job.__table__)
         with store.transaction(world.factory) as session:
             conn = session.connection()
             bulk.update_rows(conn, table, [{"id": a, "worker": "first"}], counter="version_id")
@@ -589,14 +589,15 @@ class TestBulkWrites:
         job_id = world.submit()
         with pytest.raises((ValueError, StatementError), match="naive datetime"), \
                 store.transaction(world.factory) as session:
-            bulk.update_rows(session.connection(), Job.__table__, [{"id": job_id, "started_at": datetime(2026, 1, 1)}])
+            bulk.update_rows(session.connection(), cast(Table, Job.__table__),
+                             [{"id": job_id, "started_at": datetime(2026, 1, 1)}])
         assert world.job(job_id).started_at is None
 
     def test_insert_fills_defaults_and_json(self, world: World) -> None:
         job_id = world.submit()
         with store.transaction(world.factory) as session:
             history_id = session.scalar(select(func.max(History.id)))
-            bulk.insert_rows(session.connection(), Mail.__table__, [
+            bulk.insert_rows(session.connection(), cast(Table, Mail.__table__), [
                 {"job_id": job_id, "history_id": history_id, "state": "PENDING", "recipient": "x@example.com",
                  "rationale": "Creator", "context": {"job": job_id, "tabs\tand\nlines": "a\tb\nc\\d"}}])
         with world.factory() as session:

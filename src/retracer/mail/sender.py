@@ -224,7 +224,8 @@ class Sender:
             faults.point("mail.mid_flush")
             while queue:
                 notice = queue.popleft()
-                assert notice.mail_id is not None  # claimed notices come from database rows
+                if notice.mail_id is None:  # claimed notices come from database rows, which have ids
+                    raise MailError(f"a claimed mail to {notice.recipient} has no id; this is a bug")
                 try:
                     message = render(notice, self.config, now)
                 except MailError as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import JSON, ColumnElement, Table, TypeDecorator, any_, bindparam, insert, literal, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -24,8 +24,8 @@ def among(dialect: Dialect, column: Any, values: Collection[Any]) -> ColumnEleme
     """``column IN values``; on PostgreSQL ``column = ANY(array)``: one parameter instead of one per value,
     which psycopg would otherwise find by parsing a statement the length of the batch, every batch."""
     if dialect.name == "postgresql":
-        return column == any_(literal(list(values), ARRAY(column.type)))
-    return column.in_(values)
+        return cast(ColumnElement[bool], column == any_(literal(list(values), ARRAY(column.type))))
+    return cast(ColumnElement[bool], column.in_(values))
 
 
 def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -57,7 +57,8 @@ def update_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     staging = f"retracer_{table.name}_changes"
     # The table's columns without its constraints (LIKE would keep NOT NULL on columns not given);
     # ON COMMIT DELETE ROWS empties it with the transaction, so a batch never sees another's rows.
-    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS "
+    # Every name below comes from the table's metadata, never from input.
+    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS "  # noqa: S608
                          f"AS SELECT * FROM {table.name} WITH NO DATA")
     columns = [table.c[key], *(table.c[n] for n in names)]
     _copy(conn, f"COPY {staging} ({', '.join(c.name for c in columns)}) FROM STDIN",
@@ -65,11 +66,11 @@ def update_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     sets = [f"{n} = s.{n}" for n in names]
     if counter:
         sets.append(f"{counter} = {table.name}.{counter} + 1")
-    conn.exec_driver_sql(f"UPDATE {table.name} SET {', '.join(sets)} FROM {staging} s "
+    conn.exec_driver_sql(f"UPDATE {table.name} SET {', '.join(sets)} FROM {staging} s "  # noqa: S608
                          f"WHERE {table.name}.{key} = s.{key}")
     # Emptied now for a second call in this transaction; the commit's truncate takes the dead rows away
     # (autovacuum never visits temporary tables).
-    conn.exec_driver_sql(f"DELETE FROM {staging}")
+    conn.exec_driver_sql(f"DELETE FROM {staging}")  # noqa: S608
 
 
 def complete(table: Table, row: dict[str, Any]) -> dict[str, Any]:

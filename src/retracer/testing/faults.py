@@ -42,7 +42,7 @@ def take_down(pid: int) -> None:
 def point(name: str) -> None:
     """Die here (SIGKILL, no cleanup) if the environment asked for it."""
     probability = _chosen.get(name)
-    if probability and random.random() < probability:
+    if probability and random.random() < probability:  # noqa: S311  (the odds of a fault, not a secret)
         if _also is not None:
             os.kill(_also, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

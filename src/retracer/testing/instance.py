@@ -15,10 +15,11 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from kombu import Connection
+from kombu.connection import Connection
 from sqlalchemy import text
 
 from retracer import config as cfg
@@ -57,8 +58,8 @@ class Instance:
             self.env[f"RETRACER__{key}"] = value
 
     def run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([*RETRACER, *args], env=self.env, input=input, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run([*RETRACER, *args],  # noqa: S603  (our own command, no shell)
+                              env=self.env, input=input, capture_output=True, text=True, timeout=120)
         if check and proc.returncode != 0:
             raise AssertionError(f"retracer {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -74,7 +75,8 @@ class Instance:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.data_dir / f"serve-{len(self.servers)}.log"
         with open(log, "ab") as out:
-            proc = subprocess.Popen([*RETRACER, "serve", *extra], env=self.env, stdout=out, stderr=out)
+            proc = subprocess.Popen([*RETRACER, "serve", *extra],  # noqa: S603  (our own command, no shell)
+                                    env=self.env, stdout=out, stderr=out)
         self.servers.append(proc)
         if wait:
             self.wait_for("serve to start", lambda: b'"msg": "serving"' in log.read_bytes(), timeout=30)
@@ -115,8 +117,6 @@ class Instance:
 
 
 def _delete_broker_objects(amqp_url: str, env: dict[str, str]) -> None:
-    try:
-        with Connection(amqp_url, connect_timeout=5) as conn:
-            Topology(cfg.load(environ=env)).delete(conn)
-    except Exception:  # cleanup must not hide the test's own result
-        pass
+    # Cleanup must not hide the test's own result.
+    with suppress(Exception), Connection(amqp_url, connect_timeout=5) as conn:
+        Topology(cfg.load(environ=env)).delete(conn)

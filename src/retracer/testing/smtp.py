@@ -103,7 +103,7 @@ class CaptureServer:
                 # aiosmtpd's readiness probe connects to self.port, which is still 0 when the OS chose it.
                 if self.port == 0 and isinstance(self.server, asyncio.Server):
                     self.port = self.server.sockets[0].getsockname()[1]
-                super()._trigger_server()
+                super()._trigger_server()  # type: ignore[no-untyped-call]
 
         if self._controller is not None:
             return self

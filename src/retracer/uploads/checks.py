@@ -109,7 +109,7 @@ def inspect_upload(root: Path, source: str, source_fd: int, leaf: str, limits: L
         os.close(fd)
 
 
-def _inspect_files(fd: int, limits: Limits, inspection: Inspection) -> None:
+def _inspect_files(fd: int, limits: Limits, inspection: Inspection) -> None:  # noqa: C901  (one check per entry kind, all reported)
     problems = inspection.problems
     files: dict[str, os.stat_result] = {}
     unknown: list[str] = []
@@ -212,7 +212,8 @@ def _read_bounded(fd: int, name: str, est: os.stat_result, limit: int, problems:
     return data
 
 
-def _read_manifest(fd: int, est: os.stat_result, limits: Limits, inspection: Inspection) -> bytes | None:
+def _read_manifest(  # noqa: C901  (one check per manifest key, every problem reported)
+        fd: int, est: os.stat_result, limits: Limits, inspection: Inspection) -> bytes | None:
     problems = inspection.problems
     limit = min(limits.max_file_bytes, MAX_MANIFEST_BYTES)
     if est.st_size > limit:
