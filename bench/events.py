@@ -1,8 +1,8 @@
-"""Event throughput: the durable apply path against its raw ceilings, in one run on this machine (issue 6).
+"""Event throughput: the durable apply path against its raw ceilings, in one run on this machine.
 
-    /work/venv/bin/python bench/events.py [--events N] [--quick] [--rounds R] [--no-pg-scale]
-    /work/venv/bin/python bench/events.py --profile          # cProfile of the apply path, SQL per event
-    /work/venv/bin/python bench/events.py --soak 1000000     # serve's RSS over a million events
+    python bench/events.py [--events N] [--quick] [--rounds R] [--no-pg-scale]
+    python bench/events.py --profile          # cProfile of the apply path, SQL per event
+    python bench/events.py --soak 1000000     # serve's RSS over a million events
 
 Measured with the same settings (batch size, prefetch, queue type) in one run:
 
@@ -989,7 +989,7 @@ def report(args: argparse.Namespace, r: dict[str, Any], small: int, total: float
         shown = "-" if value is None else f"{value:,.2f}"
         print(f"  [{verdict(ok)}] {name:<52} {shown:>10}   target {target}")
 
-    print("\nTargets (issue 6):")
+    print("\nTargets:")
     ratio_line("rabbitmq_pg / pg_single_commit", res["rabbitmq_pg_vs_single_commit"], ">= 3.00x",
                res["rabbitmq_pg_vs_single_commit"] >= TARGETS["pg_vs_single_commit"])
     ratio_line("rabbitmq_pg / raw_consume_ack (per-message ack)", res["rabbitmq_pg_vs_raw_consume_ack"], ">= 0.50",

@@ -1,6 +1,6 @@
 """Mail delivery throughput: the pooled sender against one SMTP connection per mail, in the same run.
 
-    /work/venv/bin/python bench/mail.py [--count 1000] [--pool-size 4] [--rounds 1] [--db-url URL]
+    python bench/mail.py [--count 1000] [--pool-size 4] [--rounds 1] [--db-url URL]
 
 Jobs fail to upload through the real apply path until the outbox holds --count mails; each mode then
 delivers that whole outbox (claim, render, send, mark sent) to a local aiosmtpd that discards them. The

@@ -1,6 +1,6 @@
 """The mbox transport's flush against the size of the mailbox (the embedded default's mail file).
 
-    /work/venv/bin/python bench/mbox.py [--mails 20000]
+    python bench/mbox.py [--mails 20000]
 
 Fills an mbox through MboxTransport, then times one flush of one more mail with the transport's kept index,
 one flush by a fresh transport (a restarted `serve` reads the file once), and, as the baseline measured in

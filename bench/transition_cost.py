@@ -14,7 +14,7 @@ wall time of all those transactions divided by the number of transitions. The ba
 Each configuration is run --repeat times (new jobs each time, after an uncounted warm-up) and the median is
 reported; the machine is shared and noisy.
 
-Run: /work/venv/bin/python bench/transition_cost.py [--jobs 500] [--repeat 3] [--sizes 1000,100000] [--no-postgres]
+Run: python bench/transition_cost.py [--jobs 500] [--repeat 3] [--sizes 1000,100000] [--no-postgres]
 PostgreSQL: RETRACER_BENCH_PG (default postgresql+psycopg://postgres@127.0.0.1:5432/postgres) is used to
 create and drop a scratch database. The last line printed is JSON.
 """

@@ -1,4 +1,4 @@
-"""A worker drives jobs purely by publishing the documented events, in both modes (issue 3)."""
+"""A worker drives jobs purely by publishing the documented events, in both modes."""
 
 from __future__ import annotations
 

@@ -19,10 +19,10 @@ from sqlalchemy import Table, func, select, text
 from sqlalchemy.orm import Session
 
 from retracer import events as ev
-from retracer.apply.notify import mail_rows
 from retracer.config import Config
 from retracer.errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
 from retracer.logs import LINES
+from retracer.mail.rows import mail_rows
 from retracer.store import bulk
 from retracer.store.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
 from retracer.workflow import Change, FailurePolicy, TriggerContext, Workflow, load

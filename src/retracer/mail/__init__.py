@@ -1,6 +1,7 @@
-"""Notification mail: templates rendered from the outbox rows, delivered over SMTP or into an mbox file.
+"""Notification mail: the mail rows a transition writes, rendered from templates/email/ and delivered over
+SMTP or into an mbox file.
 
-The service loop keeps one :class:`Sender` and calls ``deliver_pending()`` on each tick; cron uses
+The service's mail chore keeps one :class:`Sender` and calls ``deliver_pending()`` each round; cron uses
 :func:`deliver_pending` (``retracer mail flush``).
 """
 

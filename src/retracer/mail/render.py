@@ -171,7 +171,7 @@ def _render(template: Template, values: Mapping[str, Any], notice: Notice) -> st
     except UndefinedError as exc:
         raise MailError(f"cannot make the {notice.state} mail for job {notice.job_id} to {notice.recipient}: "
                         f"template {_where(exc, template)} uses a value the mail's snapshot does not have "
-                        f"({exc}); fix the template or add the value in retracer.notify.snapshot") from None
+                        f"({exc}); fix the template or add the value in retracer.mail.rows.snapshot") from None
     except TemplateError as exc:
         raise MailError(f"cannot make the {notice.state} mail for job {notice.job_id}: template "
                         f"{_where(exc, template)} failed: {exc}") from None

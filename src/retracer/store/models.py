@@ -208,7 +208,8 @@ class Inbox(Base):
 
 
 class Outbox(Base):
-    """Messages leaving the process (work requests, notices), written with the transition, sent after commit."""
+    """Messages leaving the process (the work requests), written in the dispatching transaction: relayed to the
+    broker after commit by the relay chore, or taken from here by embedded workers (`retracer work take`)."""
 
     __tablename__ = "outbox"
 

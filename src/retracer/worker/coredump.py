@@ -7,8 +7,8 @@ auxiliary vector (AT_SYSINFO_EHDR).
 
 Cores come from crashed programs and from users, so this is a small parser with ``struct`` rather than
 pyelftools: pyelftools allocates whatever a note claims (a 152-byte file asked it for 2 GiB), raises
-OverflowError and construct errors besides ELFError, and fails on ET_CORE files with a build-id note (its
-issue #656). Every size read from the core is checked against the file size and a fixed cap before use.
+OverflowError and construct errors besides ELFError, and fails on ET_CORE files with a build-id note (an open
+bug upstream). Every size read from the core is checked against the file size and a fixed cap before use.
 """
 
 from __future__ import annotations
