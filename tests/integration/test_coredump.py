@@ -18,6 +18,8 @@ from elftools.elf.sections import NoteSection
 from retracer.worker import coredump
 from retracer.worker.coredump import CoreFileError
 
+from ..conftest import IN_CI
+
 PROGRAM = "#include <stdlib.h>\nint main(void) { abort(); }\n"
 
 
@@ -90,7 +92,7 @@ class TestRealCore:
     def test_same_as_eu_unstrip(self, crash: tuple[Path, Path]) -> None:
         """The build-ids are exactly those `eu-unstrip -n --core` reports."""
         if shutil.which("eu-unstrip") is None:
-            pytest.skip("eu-unstrip is not installed (apt-get install elfutils)")
+            (pytest.fail if IN_CI else pytest.skip)("eu-unstrip is not installed (apt-get install elfutils)")
         out = subprocess.run(["eu-unstrip", "-n", "--core", str(crash[1])], capture_output=True, text=True,
                              check=True).stdout
         expected = {line.split()[1].split("@")[0] for line in out.splitlines() if line.strip()}
