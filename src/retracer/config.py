@@ -86,6 +86,21 @@ class Config:
         return shown
 
 
+#: How a type is named in a message about a value that does not have it.
+_KINDS: dict[type, str] = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                           list: "a list"}
+
+
+def _kind(default: Any) -> str:
+    """What a value must be to take the place of ``default``, with an example where one fits on a line."""
+    kind = _KINDS.get(type(default), type(default).__name__)
+    if isinstance(default, bool):
+        return kind
+    if isinstance(default, int | float):
+        return f"{kind} (write e.g. {default})"
+    return kind
+
+
 def _mask(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1********@", url)
 
@@ -188,7 +203,7 @@ def _validate(  # noqa: C901  (one flat list of independent checks, so that ever
             default = base[section][key]
             expected: type | tuple[type, ...] = (int, float) if isinstance(default, float) else type(default)
             if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, expected):
-                bad(section, key, f"must be a {type(default).__name__}")
+                bad(section, key, f"must be {_kind(default)}")
             elif isinstance(value, float) and not math.isfinite(value):
                 bad(section, key, "must be a finite number")
     if problems:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from retracer.errors import JobNotFound
@@ -58,23 +58,46 @@ def job_detail(session: Session, job_id: int) -> dict[str, Any]:
     return data
 
 
-def queue(session: Session, limit: int = 50) -> list[Job]:
-    """Every job in the queue in the order it will be dispatched (waiting ones among the ready ones)."""
-    return list(session.scalars(
-        select(Job).where(Job.state == load_spec().roles.queue)
-        .order_by(Job.manual_priority.desc(), Job.priority.desc(), Job.id).limit(limit)))
+#: The dispatch order: priority (an admin's or the submitted one), then age. An admin's priority is sticky
+#: (nothing automatic changes it), not a trump card: a manual -5 goes after an automatic 0.
+DISPATCH_ORDER = (Job.priority.desc(), Job.id)
+
+
+def queue(session: Session, now: datetime | None = None, limit: int = 50) -> list[Job]:
+    """The jobs in the queue that may be offered now, in the order they will be dispatched."""
+    return list(session.scalars(_ready(now or utcnow()).order_by(*DISPATCH_ORDER).limit(limit)))
+
+
+def waiting(session: Session, now: datetime | None = None, limit: int = 50) -> list[Job]:
+    """The jobs in the queue that wait for their retry time, the soonest first."""
+    return list(session.scalars(_waiting(now or utcnow()).order_by(Job.not_before, Job.id).limit(limit)))
+
+
+def _ready(now: datetime) -> Select[Job]:
+    return select(Job).where(Job.state == load_spec().roles.queue,
+                             or_(Job.not_before.is_(None), Job.not_before <= now))
+
+
+def _waiting(now: datetime) -> Select[Job]:
+    return select(Job).where(Job.state == load_spec().roles.queue, Job.not_before > now)
+
+
+def _count(session: Session, stmt: Select[Job]) -> int:
+    return int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
 
 
 def status(session: Session, now: datetime | None = None, queue_limit: int = 20,
            failures_limit: int = 10) -> dict[str, Any]:
-    """Counts per state, jobs being retraced, the queue in dispatch order, recent failures, jobs on hold."""
+    """Counts per state, jobs being retraced, the queue in dispatch order (with how many it has in all), the
+    jobs waiting for their retry time, recent failures, jobs on hold."""
     now = now or utcnow()
     spec = load_spec()
     roles = spec.roles
     counts = {s: 0 for s in spec.states}
     counts.update({s: n for s, n in session.execute(select(Job.state, func.count()).group_by(Job.state))})
     retracing = session.scalars(select(Job).where(Job.state == roles.working).order_by(Job.started_at))
-    waiting = queue(session, queue_limit)
+    ready = queue(session, now, queue_limit)
+    later = waiting(session, now, queue_limit)
     failures = session.execute(
         select(History, Job.package).join(Job, Job.id == History.job_id)
         .where(History.trigger.in_(roles.failures))
@@ -86,7 +109,11 @@ def status(session: Session, now: datetime | None = None, queue_limit: int = 20,
                        "elapsed_s": int((now - j.started_at).total_seconds()) if j.started_at else None,
                        "last_heartbeat": j.last_heartbeat} for j in retracing],
         "queue": [{"id": j.id, "package": j.package, "priority": j.priority, "manual": j.manual_priority,
-                   "not_before": j.not_before, "offered": j.dispatched_at is not None} for j in waiting],
+                   "offered": j.dispatched_at is not None} for j in ready],
+        "queue_total": len(ready) if len(ready) < queue_limit else _count(session, _ready(now)),
+        "waiting": [{"id": j.id, "package": j.package, "priority": j.priority, "manual": j.manual_priority,
+                     "not_before": j.not_before, "attempts": j.attempts} for j in later],
+        "waiting_total": len(later) if len(later) < queue_limit else _count(session, _waiting(now)),
         "recent_failures": [{"job": h.job_id, "package": p, "trigger": h.trigger, "to": h.to_state,
                              "reason": h.reason, "at": h.at} for h, p in failures],
         "on_hold": [{"id": j.id, "package": j.package, "reason": j.hold_reason} for j in held],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
+import shlex
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,11 +14,14 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import func, select, update
 
 from retracer import config as cfg
 from retracer import store
 from retracer.apply.applier import Applier
 from retracer.cli import cli
+from retracer.service.chores.dispatch import dispatch
+from retracer.store.models import History, Inbox, Job, Mail
 from retracer.testing.factories import event
 from retracer.workflow import load, mermaid
 
@@ -34,7 +39,7 @@ class Retracer:
         self.factory = store.session_factory(self.engine)
 
     def run(self, line: str) -> Result:
-        return CliRunner().invoke(cli, line.split(), env=self.env)
+        return CliRunner().invoke(cli, shlex.split(line), env=self.env, prog_name="retracer")
 
     def ok(self, line: str) -> str:
         result = self.run(line)
@@ -157,7 +162,7 @@ class TestShow:
         assert [(h["from"], h["to"], h["trigger"]) for h in history] == [
             (None, "PENDING", "submit"), ("PENDING", "RETRACING", "start"),
             ("RETRACING", "FAILEDTOUPLOAD", "upload_failed")]
-        assert [h["by"] for h in history] == ["event:cli:submit", "event:w", "event:w"]
+        assert [h["by"] for h in history] == [f"event:admin:{getpass.getuser()}", "event:w", "event:w"]
         assert [h["reason"] for h in history] == [None, None, "upload failed: Rejected: bad signature"]
         times = [datetime.fromisoformat(h["at"]) for h in history]
         assert times == sorted(times) and all(t.utcoffset() == timedelta(0) for t in times)
@@ -180,10 +185,20 @@ class TestShow:
         assert "  State:    FAILEDTOUPLOAD (Failed to upload)\n" in out
         assert "  Upload log:\n    Rejected: bad signature\n    more\n" in out
         history = out.split("History:\n", 1)[1].splitlines()
-        assert history[0].split() == ["AT", "FROM", "TO", "TRIGGER", "BY", "REASON"]
-        assert [line.split()[2:5] for line in history[1:]] == [
+        assert history[0].split() == ["AT", "EVENT", "FROM", "TO", "TRIGGER", "BY", "REASON"]
+        assert [line.split()[3:6] for line in history[1:]] == [
             ["-", "PENDING", "submit"], ["PENDING", "RETRACING", "start"],
             ["RETRACING", "FAILEDTOUPLOAD", "upload_failed"]]
+
+    def test_text_names_each_event(self, rt: Retracer) -> None:
+        """show's history names the event behind each row (an admin's own rows have none)."""
+        job = rt.submit("c1")
+        rt.apply("retrace.started", job, worker="w1")
+        rt.fire(job, "hold", reason="disk swap")
+        ids = [h["event_id"] for h in rt.json(f"show {job}")["history"]]
+        assert ids[0] and ids[1] and ids[2] is None
+        rows = rt.ok(f"show {job}").split("History:\n", 1)[1].splitlines()[1:]
+        assert [row.split()[2] for row in rows] == [ids[0], ids[1], "-"]
 
     def test_missing_job(self, rt: Retracer) -> None:
         """show on a job that does not exist exits 1 with a message saying how to list jobs."""
@@ -217,9 +232,13 @@ class TestStatus:
         (running,) = report["retracing"]
         assert (running["id"], running["worker"]) == (busy["running"], "w-run")
         assert 0 <= running["elapsed_s"] < 60
-        assert [q["id"] for q in report["queue"]] == [busy["manual"], busy["urgent"], busy["old"], busy["flaky"]]
-        assert [q["manual"] for q in report["queue"]] == [True, False, False, False]
-        assert report["queue"][3]["not_before"] is not None
+        # Priority, then age: the admin's 1 (sticky) after the submitted 10, before the 0s.
+        assert [q["id"] for q in report["queue"]] == [busy["urgent"], busy["manual"], busy["old"]]
+        assert [q["manual"] for q in report["queue"]] == [False, True, False]
+        assert report["queue_total"] == 3
+        (waiting,) = report["waiting"]
+        assert (waiting["id"], waiting["attempts"], report["waiting_total"]) == (busy["flaky"], 1, 1)
+        assert waiting["not_before"] is not None
         failures = {f["job"]: (f["trigger"], f["to"], f["reason"]) for f in report["recent_failures"]}
         assert failures == {
             busy["flaky"]: ("retrace_failed", "PENDING", "attempt 1 failed: E: Failed to fetch http://archive/x"),
@@ -235,10 +254,15 @@ class TestStatus:
         out = rt.ok("status")
         assert out.startswith("Jobs per state: PENDING 4, RETRACING 1, FAILEDTOUPLOAD 1, FULLYBUILT 0, ON_HOLD 2\n")
         sections = dict(part.split(":\n", 1) for part in out.split("\n\n")[1:])
-        assert set(sections) == {"Retracing", "Queue (dispatch order)", "Recent failures", "On hold"}
+        assert set(sections) == {"Retracing", "Queue (dispatch order)", "Waiting for their retry time",
+                                 "Recent failures", "On hold"}
         queue = sections["Queue (dispatch order)"].splitlines()
-        assert [line.split()[0] for line in queue[1:]] == [str(busy[n]) for n in ("manual", "urgent", "old", "flaky")]
-        assert "1 (manual)" in queue[1] and re.search(r" in 4m5\ds$", queue[4]), queue  # backoff 300 s
+        assert [line.split()[0] for line in queue[1:]] == [str(busy[n]) for n in ("urgent", "manual", "old")]
+        assert "1 (manual)" in queue[2], queue
+        waiting = sections["Waiting for their retry time"].splitlines()
+        assert waiting[0].split() == ["JOB", "PACKAGE", "PRIORITY", "FAILED", "RETRY"]
+        assert waiting[1].split()[:4] == [str(busy["flaky"]), "cdrkit", "0", "1"]
+        assert re.search(r" in 4m5\ds$", waiting[1]), waiting  # backoff 300 s
         assert f"{busy['running']}" in sections["Retracing"] and "w-run" in sections["Retracing"]
         assert "core file looks truncated" in sections["On hold"]
         assert "upload failed: bad checksum" in sections["Recent failures"]
@@ -247,6 +271,7 @@ class TestStatus:
         """status on an empty instance says there is nothing in each section."""
         out = rt.ok("status")
         assert "Retracing:\n  none" in out and "Queue (dispatch order):\n  empty" in out
+        assert "Waiting for their retry time:\n  none" in out
         assert "Recent failures:\n  none" in out and "On hold:\n  none" in out
 
 
@@ -282,10 +307,35 @@ class TestDatabase:
         yield instance
         instance.engine.dispose()
 
+    @pytest.mark.parametrize("line", ["jobs", "show 1", "status", "rejected", "mail list", "audit",
+                                      "serve --until-idle", SUBMIT.format(crash="c1"), "hold 1 --reason x"],
+                             ids=["jobs", "show", "status", "rejected", "mail-list", "audit", "serve", "submit",
+                                  "hold"])
+    def test_missing_database_is_not_created(self, fresh: Retracer, tmp_path: Path, line: str) -> None:
+        """A command on a database that does not exist exits 1 saying so and how to create it, and leaves
+        nothing behind: no data directory, no empty database file."""
+        result = fresh.run(line)
+        assert result.exit_code == 1, result.output
+        assert result.output == (f"Error: there is no database at {tmp_path}/fresh/retracer.db: create it with "
+                                 f"`retracer db upgrade` (if this is not where it should be, `retracer "
+                                 f"check-config` shows the data directory and database URL in use)\n")
+        assert not (tmp_path / "fresh").exists()
+
+    def test_missing_database_as_json(self, fresh: Retracer, tmp_path: Path) -> None:
+        """Under --json the same refusal is a JSON object with the message and the exit status."""
+        result = fresh.run("jobs --json")
+        assert result.exit_code == 1
+        shown = json.loads(result.stdout)
+        assert shown["exit_code"] == 1 and "retracer db upgrade" in shown["error"]
+        assert not (tmp_path / "fresh").exists()
+
     @pytest.mark.parametrize("line", ["jobs", "show 1", "status", SUBMIT.format(crash="c1")],
                              ids=["jobs", "show", "status", "submit"])
-    def test_missing_database_says_upgrade(self, fresh: Retracer, line: str) -> None:
-        """A command on a database with no schema exits 1 and says to run `retracer db upgrade`."""
+    def test_database_without_schema_says_upgrade(self, fresh: Retracer, tmp_path: Path, line: str) -> None:
+        """A database file with no schema (created by hand, or by an older retracer) says to run
+        `retracer db upgrade`."""
+        (tmp_path / "fresh").mkdir(exist_ok=True)
+        (tmp_path / "fresh" / "retracer.db").touch()
         result = fresh.run(line)
         assert result.exit_code == 1, result.output
         assert result.output.startswith("Error: the database ")
@@ -299,3 +349,223 @@ class TestDatabase:
         assert fresh.ok("db upgrade") == first
         assert fresh.submit("c1") == 1
         assert fresh.json("jobs")[0]["crash_id"] == "c1"
+
+    def test_upgrade_json(self, fresh: Retracer, tmp_path: Path) -> None:
+        """db upgrade --json says which database, which revision, and whether it was created just now."""
+        url = f"sqlite:///{tmp_path}/fresh/retracer.db"
+        assert fresh.json("db upgrade") == {"database": url, "revision": store.head_revision(), "created": True}
+        assert fresh.json("db upgrade") == {"database": url, "revision": store.head_revision(), "created": False}
+
+
+def _mails(rt: Retracer) -> list[tuple[str, str]]:
+    with rt.factory() as session:
+        return [(m.recipient, m.status) for m in session.scalars(select(Mail).order_by(Mail.id))]
+
+
+def _count(rt: Retracer, model: type[Any]) -> int:
+    with rt.factory() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+class TestPriority:
+    def test_negative_priority(self, rt: Retracer) -> None:
+        """`retracer priority JOB -5` sets a negative priority (a negative number is not an option)."""
+        job = rt.submit("c1")
+        out = rt.ok(f"priority {job} -5 --as celso")
+        assert out == f"job {job} is now PENDING (reprioritize: stays PENDING, by admin:celso)\n"
+        shown = rt.json(f"show {job}")
+        assert (shown["priority"], shown["manual_priority"]) == (-5, True)
+
+    def test_manual_priority_ranks_by_its_value(self, rt: Retracer) -> None:
+        """An admin's priority is sticky, not a trump card: the dispatcher offers an automatic 0 before a
+        manual -5, and a manual 3 before an automatic 2; status shows the same order."""
+        low, plain, high, two = (rt.submit(c) for c in ("low", "plain", "high", "two"))
+        rt.ok(f"priority {two} 0 --as celso")  # manual, then overridden by a higher automatic one below
+        rt.ok(f"priority {low} -5 --as celso")
+        rt.ok(f"priority {high} 3 --as celso")
+        with store.transaction(rt.factory) as session:
+            session.execute(update(Job).where(Job.id == two).values(priority=2, manual_priority=False))
+        assert [q["id"] for q in rt.json("status")["queue"]] == [high, two, plain, low]
+        offered = []
+        config = cfg.load(environ={**rt.env, "RETRACER__SERVICE__MAX_PARALLEL": "1"})
+        for _ in range(4):
+            with store.transaction(rt.factory) as session:
+                (job,) = dispatch(session, config)
+                offered.append(job.id)
+            rt.apply("retrace.started", offered[-1], worker="w")
+            rt.apply("upload.accepted", offered[-1], leaf=f"up-{offered[-1]}")
+        assert offered == [high, two, plain, low]
+
+
+class TestJson:
+    def test_error_is_json(self, rt: Retracer) -> None:
+        """Under --json a refused command prints {"error", "exit_code"} on standard output and exits with it."""
+        result = rt.run("show 99 --json")
+        assert result.exit_code == 1
+        assert json.loads(result.stdout) == {
+            "error": "job 99 does not exist (list jobs with `retracer jobs`)", "exit_code": 1}
+
+    def test_refused_transition_is_json(self, rt: Retracer) -> None:
+        """A transition the machine refuses is a JSON error too, naming the job, state and what is allowed."""
+        job = rt.submit("c1")
+        result = rt.run(f"release {job} --as celso --json")
+        assert result.exit_code == 1
+        shown = json.loads(result.stdout)
+        assert shown["exit_code"] == 1 and shown["error"].startswith(f"job {job} is PENDING: 'release' refused")
+
+    @pytest.mark.parametrize("line", ["jobs --state DONE --json", "jobs --json --bogus", "show x --json"])
+    def test_usage_error_is_json(self, rt: Retracer, line: str) -> None:
+        """A usage error under --json (even one found before --json was read) is JSON with exit status 2."""
+        result = rt.run(line)
+        assert result.exit_code == 2
+        shown = json.loads(result.stdout)
+        assert shown["exit_code"] == 2 and "retracer " in shown["error"] and "--help" in shown["error"]
+
+    def test_without_json_errors_stay_text(self, rt: Retracer) -> None:
+        """Without --json an error is the usual one line on standard error."""
+        result = rt.run("show 99")
+        assert (result.exit_code, result.stdout) == (1, "")
+        assert result.stderr == "Error: job 99 does not exist (list jobs with `retracer jobs`)\n"
+
+    def test_serve_prints_its_counters(self, rt: Retracer) -> None:
+        """serve --json prints the final counters as one JSON object on standard output."""
+        job = rt.submit("c1")
+        with store.transaction(rt.factory) as session:
+            session.add(Inbox(body=json.dumps(event("retrace.started", job, source="w", worker="w"))))
+            session.add(Inbox(body="not json"))
+        result = rt.run("serve --until-idle --log-level ERROR --json")
+        assert result.exit_code == 0, result.output
+        stats = json.loads(result.stdout)
+        assert (stats["applied"], stats["rejected"], stats["duplicate"]) == (1, 1, 0)
+        assert stats["batches"] >= 1 and isinstance(stats["chores"], dict)
+
+    def test_diagram(self, rt: Retracer) -> None:
+        """states --diagram --json gives the Mermaid text in a JSON object."""
+        assert rt.json("states --diagram") == {"mermaid": mermaid(load())}
+
+    def test_demo_error(self, rt: Retracer, tmp_path: Path) -> None:
+        """demo --json refuses a used directory with a JSON error."""
+        (tmp_path / "used").mkdir()
+        (tmp_path / "used" / "keep").write_text("x")
+        result = rt.run(f"demo --dir {tmp_path / 'used'} --json")
+        assert result.exit_code == 1
+        assert "is not empty" in json.loads(result.stdout)["error"]
+
+
+class TestSubmitOptions:
+    def test_duplicate_crash_is_refused(self, rt: Retracer) -> None:
+        """A second job for the same crash is refused, naming the existing job; --allow-duplicate makes it."""
+        first = rt.submit("c1")
+        result = rt.run(SUBMIT.format(crash="c1"))
+        assert result.exit_code == 1
+        assert result.output == (
+            f"Error: cannot submit: crash c1 already has job {first} (PENDING); see `retracer show {first}` "
+            f"(`retracer retry {first}` sends a failed or held job back to the queue), or pass --allow-duplicate "
+            f"to make another job for the same crash\n")
+        assert len(rt.json("jobs")) == 1
+        second = rt.submit("c1", " --allow-duplicate")
+        assert second == first + 1 and [j["crash_id"] for j in rt.json("jobs")] == ["c1", "c1"]
+
+    def test_as_and_reason_are_recorded(self, rt: Retracer) -> None:
+        """submit --as NAME --reason WHY: the job's history says who submitted it and why."""
+        job = rt.submit("c1", " --as celso --reason 'reported twice on the list'")
+        (submitted,) = rt.json(f"show {job}")["history"]
+        assert (submitted["by"], submitted["reason"]) == ("event:admin:celso", "reported twice on the list")
+        assert submitted["event_id"]
+
+    def test_dry_run_creates_nothing(self, rt: Retracer) -> None:
+        """submit --dry-run validates and applies in a rolled-back transaction: no job, no id used up."""
+        assert rt.ok(SUBMIT.format(crash="c1") + " --dry-run") == (
+            "dry run: crash c1 would become a new PENDING job; nothing was created\n")
+        assert rt.json(SUBMIT.format(crash="c1") + " --dry-run") == {"id": None, "dry_run": True}
+        assert rt.json("jobs") == [] and _count(rt, History) == 0
+        assert rt.submit("c1") == 1
+        result = rt.run(SUBMIT.format(crash="c1") + " --dry-run")
+        assert result.exit_code == 1 and "already has job 1" in result.output
+
+
+class TestChangingCommands:
+    def _events_file(self, tmp_path: Path, *bodies: dict[str, Any]) -> Path:
+        path = tmp_path / "events.jsonl"
+        path.write_text("".join(json.dumps(b) + "\n" for b in bodies), encoding="utf-8")
+        return path
+
+    def test_publish_dry_run(self, rt: Retracer, tmp_path: Path) -> None:
+        """publish --dry-run validates every line and sends nothing."""
+        job = rt.submit("c1")
+        path = self._events_file(tmp_path, event("retrace.started", job, source="w", worker="w"))
+        assert rt.ok(f"publish {path} --dry-run") == (
+            "dry run: 1 valid event(s), nothing was published to the embedded inbox\n")
+        assert _count(rt, Inbox) == 0
+        rt.ok(f"publish {path}")
+        assert _count(rt, Inbox) == 1
+
+    def test_publish_reason_is_audited(self, rt: Retracer, tmp_path: Path) -> None:
+        """publish --as NAME --reason WHY keeps the publication in `retracer audit`; without --reason (a worker's
+        routine traffic) nothing is added there."""
+        job = rt.submit("c1")
+        body = event("retrace.started", job, source="w", worker="w")
+        path = self._events_file(tmp_path, body)
+        rt.ok(f"publish {path}")
+        assert rt.json("audit") == []
+        rt.ok(f"publish {path} --as celso --reason 'lost by the old uploader'")
+        (row,) = rt.json("audit")
+        assert (row["by"], row["action"]) == ("admin:celso", "publish")
+        assert row["detail"] == {"events": 1, "ids": [body["id"]], "to": "the embedded inbox",
+                                 "reason": "lost by the old uploader"}
+
+    def test_replay_dry_run(self, rt: Retracer, tmp_path: Path) -> None:
+        """rejected replay --dry-run says what would become of the event and leaves it rejected, unreplayed."""
+        job = rt.submit("c1")
+        with store.transaction(rt.factory) as session:
+            Applier(rt.config).apply_batch(session, [event("retrace.heartbeat", job, source="w", worker="w")])
+        (rejected,) = rt.json("rejected")
+        rt.apply("retrace.started", job, worker="w")
+        out = rt.ok(f"rejected replay {rejected['id']} --dry-run --as celso")
+        assert out == f"event {rejected['event_id']} would be applied: job {job} RETRACING -> RETRACING\n" \
+                      "dry run: nothing changed\n"
+        assert [r["id"] for r in rt.json("rejected")] == [rejected["id"]] and rt.json("audit") == []
+        shown = rt.json(f"rejected replay {rejected['id']} --as celso --reason fixed")
+        assert (shown["status"], shown["by"], shown["dry_run"]) == ("applied", "admin:celso", False)
+        assert rt.json("rejected") == []
+
+    def test_mail_flush_dry_run(self, rt: Retracer) -> None:
+        """mail flush --dry-run lists the mails due and sends none; --as/--reason audit a real flush."""
+        job = rt.submit("c1")
+        rt.fire(job, "hold", reason="check the core")
+        due = _mails(rt)
+        assert due and all(status == "pending" for _, status in due)
+        out = rt.ok("mail flush --dry-run")
+        assert out.startswith(f"dry run: {len(due)} mail{'s' if len(due) > 1 else ''} due, nothing was sent")
+        assert [m["recipient"] for m in rt.json("mail flush --dry-run")["due"]] == [r for r, _ in due]
+        assert _mails(rt) == due
+        rt.ok("mail flush --as cron --reason 'smtp is back'")
+        assert all(status == "sent" for _, status in _mails(rt))
+        (row,) = rt.json("audit")
+        assert (row["by"], row["action"], row["detail"]["sent"], row["detail"]["reason"]) == (
+            "admin:cron", "mail.flush", len(due), "smtp is back")
+
+    def test_work_take_dry_run(self, rt: Retracer) -> None:
+        """work take --dry-run shows the request and leaves it for the worker that takes it."""
+        job = rt.submit("c1")
+        rt.ok("serve --until-idle --log-level ERROR")
+        out = rt.ok("work take --dry-run")
+        assert out.startswith(f"job {job}: cdrkit 1.0 (i386)") and out.endswith("dry run: nothing was taken\n")
+        (taken,) = rt.json("work take --as bob --reason 'by hand'")
+        assert taken["job"] == job and rt.json("work take") == []
+        (row,) = rt.json("audit")
+        assert (row["by"], row["action"], row["detail"]["jobs"]) == ("admin:bob", "work.take", [job])
+
+
+class TestStatusQueue:
+    def test_long_queue_says_how_many_more(self, rt: Retracer) -> None:
+        """status shows the first 20 of the queue and says how many more there are, and where to see them."""
+        for n in range(23):
+            rt.submit(f"c{n}")
+        out = rt.ok("status")
+        queue = out.split("Queue (dispatch order):\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert len(queue) == 1 + 20 + 1
+        assert queue[-1] == ("  ... and 3 more queued jobs (all 23: `retracer status --json`, "
+                             "`retracer jobs --state PENDING`)")
+        report = rt.json("status")
+        assert (len(report["queue"]), report["queue_total"]) == (20, 23)

@@ -236,13 +236,16 @@ class TestBadValues:
         ("[servce]\nmax_parallel = 2\n", "unknown section [servce]", "known sections: service, "),
         ("[service]\nmax_paralel = 2\n", "unknown key [service] max_paralel", "known keys: data_dir, "),
         ('service = "x"\n', "[service]", "must be a table"),
-        ('[service]\nmax_parallel = "4"\n', "[service] max_parallel = '4'", "must be a int"),
-        ("[mail]\nstarttls = 1\n", "[mail] starttls = 1", "must be a bool"),
-        ("[service]\nmax_parallel = true\n", "[service] max_parallel = True", "must be a int"),
+        ('[service]\nmax_parallel = "4"\n', "[service] max_parallel = '4'", "must be an integer (write e.g. 4)"),
+        ("[mail]\nstarttls = 1\n", "[mail] starttls = 1", "must be true or false"),
+        ("[service]\nmax_parallel = true\n", "[service] max_parallel = True", "must be an integer (write e.g. 4)"),
         ('[mail]\nadmins = "a@example.com"\n', "[mail] admins", "must be a list"),
+        ('[service]\npoll_interval_s = "1"\n', "[service] poll_interval_s = '1'",
+         "must be a number (write e.g. 1.0)"),
+        ("[service]\ndata_dir = 3\n", "[service] data_dir = 3", "must be a string"),
         ("[policy]\ntransient_patterns = [3]\n", "[policy] transient_patterns", "is not a regular expression"),
     ], ids=["section", "key", "not-table", "str-for-int", "int-for-bool", "bool-for-int", "str-for-list",
-            "int-pattern"])
+            "str-for-float", "int-for-str", "int-pattern"])
     def test_bad_file_value(self, tmp_path: Path, text: str, key: str, hint: str) -> None:
         """A bad key or value in the file is a ConfigError naming it, the file, and what to do."""
         path = write(tmp_path, text)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +32,7 @@ from retracer.errors import StateWriteRefused, TransitionRefused
 from retracer.events import TYPES
 from retracer.reports import history_of
 from retracer.service import Service
+from retracer.service.chores.dispatch import dispatch
 from retracer.store import bulk
 from retracer.store.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, utcnow
 from retracer.testing.factories import crash_data, event
@@ -232,6 +233,10 @@ def _rescue_failed(after: Job, before: Job, t0: datetime, t1: datetime) -> None:
 def _retried_now(after: Job, before: Job, t0: datetime, t1: datetime) -> None:
     assert after.attempts == 0 and after.not_before is None
     assert after.hold_reason is None and after.upload_log is None and after.worker is None
+    # Nothing of the earlier tries survives: a new start counts its times from itself.
+    assert (after.upload_leaf, after.last_error, after.failure_pattern) == (None, None, None)
+    assert (after.started_at, after.finished_at, after.last_heartbeat, after.dispatched_at) == (None,) * 4
+    assert (after.crash_id, after.priority) == (before.crash_id, before.priority)
 
 
 def _held(after: Job, before: Job, t0: datetime, t1: datetime) -> None:
@@ -486,6 +491,54 @@ class TestGuards:
                     store.transaction(world.factory) as session:
                 world.applier.fire(session, job_id, "hold", by=world.ADMIN, reason=reason)
         assert _snapshot(world, job_id) == before
+
+
+class TestRetry:
+    def test_retry_clears_the_failed_try(self, world: World) -> None:
+        """retry of a job held after a failure leaves none of that try behind: no last error, pattern,
+        worker, start or heartbeat; the next start is the job's start."""
+        job_id = world.drive("RETRACING")
+        world.applied(world.ev("retrace.failed", job_id, error="gdb: internal error\nmore", transient=False))
+        held = world.job(job_id)
+        assert held.last_error and held.started_at is not None and held.worker == World.WORKER
+        world.fire(job_id, "retry", reason="mirror fixed")
+        job = world.job(job_id)
+        assert (job.last_error, job.failure_pattern, job.worker, job.started_at, job.last_heartbeat) == (None,) * 5
+        t0 = utcnow()
+        world.applied(world.ev("retrace.started", job_id, worker="worker-8"))
+        started = world.job(job_id).started_at
+        assert started is not None and started >= t0
+
+    def test_final_mail_duration_counts_from_the_new_start(self, world: World) -> None:
+        """After a retry, the FULLYBUILT mail's duration is that of the try that succeeded, not one counted
+        from the first try's start."""
+        job_id = world.drive("FAILEDTOUPLOAD")
+        long_ago = utcnow() - timedelta(days=2)
+        with store.transaction(world.factory) as session:  # the first try started two days ago
+            session.execute(update(Job).where(Job.id == job_id).values(started_at=long_ago))
+        world.fire(job_id, "retry", reason="uploader fixed")
+        assert world.job(job_id).upload_leaf is None
+        world.applied(world.ev("retrace.started", job_id, worker="worker-8"))
+        world.applied(world.ev("upload.accepted", job_id, leaf="upload-2"))
+        with world.factory() as session:
+            contexts = [m.context for m in session.scalars(
+                select(Mail).where(Mail.job_id == job_id, Mail.state == WF.roles.success))]
+        assert contexts and all(0 <= c["duration_s"] < 60 for c in contexts), contexts
+
+
+class TestDispatchOrder:
+    def test_priority_then_age_manual_or_not(self, world: World) -> None:
+        """The dispatcher offers by priority, then age: an admin's priority is kept as set but ranks by its
+        value, so a manual -5 goes after an automatic 0 and a manual 3 before an automatic 2."""
+        low, plain, high, two = (world.submit(crash_id=c) for c in ("low", "plain", "high", "two"))
+        world.fire(low, "reprioritize", data={"priority": -5}, reason="can wait")
+        world.fire(high, "reprioritize", data={"priority": 3}, reason="security")
+        with store.transaction(world.factory) as session:
+            session.execute(update(Job).where(Job.id == two).values(priority=2))
+        with store.transaction(world.factory) as session:
+            offered = [j.id for j in dispatch(session, world.config)]
+        assert offered == [high, two, plain, low]
+        assert (world.job(low).priority, world.job(low).manual_priority) == (-5, True)
 
 
 class TestExactlyOnce:

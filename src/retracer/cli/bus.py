@@ -16,7 +16,18 @@ from retracer.apply.applier import Applier
 from retracer.bus import embedded
 from retracer.bus.connect import open_bus
 from retracer.cli import cli
-from retracer.cli.context import AppContext, actor_name, actor_option, emit_json, json_option, pass_app, table, when
+from retracer.cli.context import (
+    AppContext,
+    actor_name,
+    actor_option,
+    dry_run_option,
+    emit_json,
+    json_option,
+    pass_app,
+    reason_option,
+    table,
+    when,
+)
 from retracer.errors import DatabaseUnavailable, InvalidEvent, RetracerError
 from retracer.service import Service
 from retracer.store.models import Audit, ProcessedEvent, Rejected, utcnow
@@ -26,17 +37,20 @@ from retracer.store.models import Audit, ProcessedEvent, Rejected, utcnow
 @click.option("--until-idle", is_flag=True, help="Embedded mode: stop when no event or chore is left.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@json_option
 @pass_app
-def serve(app: AppContext, until_idle: bool, log_level: str) -> None:
+def serve(app: AppContext, until_idle: bool, log_level: str, as_json: bool) -> None:
     """Apply events, dispatch work, watch heartbeats, process uploads and send mail until stopped.
 
-    SIGTERM or SIGINT finishes the batch in hand and exits 0. Logs are JSON lines on stderr.
+    SIGTERM or SIGINT finishes the batch in hand and exits 0. Logs are JSON lines on stderr; with --json the
+    final counters (events applied, duplicate, rejected, batches, what each chore did) are printed on
+    standard output as one JSON object when it stops.
     """
     logs.setup(log_level)
     service = Service(app.config, app.factory)
     service.install_signal_handlers()
     try:
-        service.run(until_idle=until_idle)  # the last log line ("stopped") carries the counters
+        stats = service.run(until_idle=until_idle)  # the last log line ("stopped") carries the counters too
     except (OperationalError, InterfaceError, DatabaseUnavailable) as exc:
         # Nothing is lost: events are acknowledged (or removed from the inbox) only with their commit.
         orig = getattr(exc, "orig", None)
@@ -44,6 +58,8 @@ def serve(app: AppContext, until_idle: bool, log_level: str) -> None:
             f"the database cannot be used ({str(orig).strip().splitlines()[0] if orig else exc}); "
             f"serve stopped without acknowledging anything it had not committed. Check the database "
             f"({app.engine.url.render_as_string(hide_password=True)}) and start `retracer serve` again.") from None
+    if as_json:
+        emit_json(stats.as_dict())
 
 
 def _read_events(stream: TextIO, name: str) -> list[ev.Event]:
@@ -64,27 +80,50 @@ def _read_events(stream: TextIO, name: str) -> list[ev.Event]:
 
 @cli.command()
 @click.argument("source", type=click.File("r", encoding="utf-8"), default="-")
+@reason_option
+@actor_option
+@dry_run_option
 @json_option
 @pass_app
-def publish(app: AppContext, source: TextIO, as_json: bool) -> None:
+def publish(app: AppContext, source: TextIO, reason: str | None, actor: str | None, dry_run: bool,
+            as_json: bool) -> None:
     """Publish events from SOURCE (a file of JSON lines, or - for standard input).
 
     Every line is validated first; one bad line and nothing is sent. In the embedded mode events go to the
     inbox table that `serve` drains; with a broker URL they go to the RabbitMQ exchange with confirms.
+    Each event says who sent it (its source); with --reason the publication is also kept in `retracer audit`
+    with --as and the reason. --dry-run validates and sends nothing.
     """
     name = "<stdin>" if source is sys.stdin or getattr(source, "name", "-") in ("-", "<stdin>") else source.name
     found = _read_events(source, name)
+    who = actor_name(actor)
     bus = open_bus(app.config, app.factory)
-    publisher = bus.publisher()
-    try:
-        publisher.publish_all([(e.type, e.to_json(), e.id) for e in found])
-    finally:
-        publisher.close()
     where = bus.describe()
+    if not dry_run:
+        publisher = bus.publisher()
+        try:
+            publisher.publish_all([(e.type, e.to_json(), e.id) for e in found])
+        finally:
+            publisher.close()
+        if reason is not None:
+            _audit(app, who, "publish", {"events": len(found), "ids": [e.id for e in found][:AUDITED_IDS],
+                                         "to": where, "reason": reason})
     if as_json:
-        emit_json({"published": len(found), "ids": [e.id for e in found]})
+        emit_json({"published": 0 if dry_run else len(found), "valid": len(found), "ids": [e.id for e in found],
+                   "to": where, "dry_run": dry_run})
+    elif dry_run:
+        click.echo(f"dry run: {len(found)} valid event(s), nothing was published to {where}")
     else:
         click.echo(f"published {len(found)} event(s) to {where}")
+
+
+#: How many event ids an audit row of a publication keeps (the count is always there).
+AUDITED_IDS = 100
+
+
+def _audit(app: AppContext, who: str, action: str, detail: dict[str, object]) -> None:
+    with app.transaction() as session:
+        session.add(Audit(actor=who, action=action, detail=json.dumps(detail)))
 
 
 @cli.group(invoke_without_command=True)
@@ -112,18 +151,24 @@ def rejected(ctx: click.Context, show_all: bool, as_json: bool) -> None:
 @click.argument("rejected_id", type=int, metavar="ID")
 @actor_option
 @click.option("--reason", default=None, help="Why it is replayed (kept in the audit log).")
+@dry_run_option
 @json_option
 @pass_app
-def rejected_replay(app: AppContext, rejected_id: int, actor: str | None, reason: str | None,
+def rejected_replay(app: AppContext, rejected_id: int, actor: str | None, reason: str | None, dry_run: bool,
                     as_json: bool) -> None:
-    """Apply a rejected event again, after its cause was fixed (it may be rejected again, with a new reason)."""
+    """Apply a rejected event again, after its cause was fixed (it may be rejected again, with a new reason).
+
+    --dry-run applies it in a transaction that is rolled back: it says what would become of the event, and
+    nothing changes.
+    """
     who = actor_name(actor)
-    with app.transaction() as session:
+    with app.factory() as session, session.begin():
         row = session.get(Rejected, rejected_id)
         if row is None:
             raise RetracerError(f"no rejected event {rejected_id} (see `retracer rejected --all`)")
         if row.replayed_at is not None:
-            raise RetracerError(f"rejected event {rejected_id} was already replayed at {when(row.replayed_at)}")
+            raise RetracerError(f"rejected event {rejected_id} was already replayed at {when(row.replayed_at)} "
+                                f"(see `retracer rejected --all`; publish a new event to try again)")
         if row.event_id:
             session.execute(delete(ProcessedEvent).where(ProcessedEvent.event_id == row.event_id,
                                                          ProcessedEvent.outcome == "rejected"))
@@ -131,13 +176,17 @@ def rejected_replay(app: AppContext, rejected_id: int, actor: str | None, reason
         row.replayed_at = utcnow()
         session.add(Audit(actor=who, action="replay", detail=json.dumps(
             {"rejected": rejected_id, "event_id": row.event_id, "outcome": outcome.status, "reason": reason})))
+        if dry_run:
+            session.rollback()
     if as_json:
-        emit_json(outcome.to_dict())
+        emit_json({**outcome.to_dict(), "by": who, "dry_run": dry_run})
     elif outcome.status == "rejected":
-        click.echo(f"event {outcome.event_id} rejected again: {outcome.reason}")
+        click.echo(f"event {outcome.event_id} {'would be' if dry_run else 'was'} rejected again: {outcome.reason}")
     else:
-        click.echo(f"event {outcome.event_id} {outcome.status}: job {outcome.job_id} "
+        click.echo(f"event {outcome.event_id} {'would be ' if dry_run else ''}{outcome.status}: job {outcome.job_id} "
                    f"{outcome.source or '-'} -> {outcome.dest}")
+    if dry_run and not as_json:
+        click.echo("dry run: nothing changed")
     if outcome.status == "rejected":
         raise SystemExit(1)
 
@@ -149,14 +198,29 @@ def work() -> None:
 
 @work.command("take")
 @click.option("--limit", type=int, default=1, show_default=True)
+@reason_option
+@actor_option
+@dry_run_option
 @json_option
 @pass_app
-def work_take(app: AppContext, limit: int, as_json: bool) -> None:
-    """Take the oldest work requests (retrace.requested) that `serve` has dispatched."""
+def work_take(app: AppContext, limit: int, reason: str | None, actor: str | None, dry_run: bool,
+              as_json: bool) -> None:
+    """Take the oldest work requests (retrace.requested) that `serve` has dispatched.
+
+    A taken request is handed out once. --dry-run shows what would be taken and leaves it there; with
+    --reason, what was taken is also kept in `retracer audit` with --as and the reason.
+    """
     if open_bus(app.config, app.factory).relays_outbox:
-        raise RetracerError(f"with a broker, workers consume queue {app.config['broker']['work_queue']!r}")
-    with app.transaction() as session:
+        raise RetracerError(f"with a broker, workers consume queue {app.config['broker']['work_queue']!r}; "
+                            f"`retracer work take` is for the embedded mode only")
+    who = actor_name(actor)
+    with app.factory() as session, session.begin():
         requests = embedded.take_work(session, limit)
+        if dry_run:
+            session.rollback()
+        elif reason is not None and requests:
+            session.add(Audit(actor=who, action="work.take", detail=json.dumps(
+                {"jobs": [r["job"] for r in requests], "requests": [r["id"] for r in requests], "reason": reason})))
     if as_json:
         emit_json(requests)
     elif not requests:
@@ -165,3 +229,5 @@ def work_take(app: AppContext, limit: int, as_json: bool) -> None:
         for r in requests:
             click.echo(f"job {r['job']}: {r['data']['package']} {r['data']['version']} "
                        f"({r['data']['architecture']}) core {r['data']['core']} attempt {r['data']['attempt']}")
+        if dry_run:
+            click.echo("dry run: nothing was taken")

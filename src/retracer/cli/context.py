@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import config as cfg
 from retracer import store
+from retracer.errors import DatabaseNotReady
+from retracer.store.engine import missing_database
 
 
 class AppContext:
@@ -34,8 +36,17 @@ class AppContext:
 
     @property
     def engine(self) -> Engine:
+        """The configured database; DatabaseNotReady, creating nothing, when its SQLite file does not exist
+        (connecting would leave an empty database behind, and a typo in the data directory would go unseen)."""
         if self._engine is None:
-            self._engine = store.make_engine(self.config.database_url)
+            url = self.config.database_url
+            missing = missing_database(url)
+            if missing is not None:
+                raise DatabaseNotReady(
+                    f"there is no database at {missing}: create it with `retracer db upgrade` (if this is not "
+                    f"where it should be, `retracer check-config` shows the data directory and database URL "
+                    f"in use)")
+            self._engine = store.make_engine(url)
         return self._engine
 
     @property
@@ -58,10 +69,22 @@ class AppContext:
 
 pass_app = click.make_pass_decorator(AppContext)
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+#: Set in the context's shared meta once a command's --json is parsed: its errors are printed as JSON too.
+JSON_META = "retracer.json"
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[JSON_META] = True
+    return value
+
+
+json_option = click.option("--json", "as_json", is_flag=True, callback=_remember_json,
+                           help="Print JSON instead of text (errors too: {\"error\": ..., \"exit_code\": N}).")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Check and report; change nothing.")
 actor_option = click.option("--as", "actor", default=None, metavar="NAME",
-                            help="Who is acting, for the job's history (default: your login name).")
+                            help="Who is acting, for the record (default: your login name).")
+reason_option = click.option("--reason", default=None, help="Why (kept with the record of what was done).")
 
 
 def actor_name(given: str | None) -> str:

@@ -6,14 +6,28 @@ from datetime import timedelta
 from typing import Any
 
 import click
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from retracer import events as ev
 from retracer import reports
 from retracer.apply.applier import Applier
 from retracer.cli import cli
-from retracer.cli.context import AppContext, elapsed, emit_json, json_option, pass_app, table, when
+from retracer.cli.context import (
+    AppContext,
+    actor_name,
+    actor_option,
+    dry_run_option,
+    elapsed,
+    emit_json,
+    json_option,
+    pass_app,
+    reason_option,
+    table,
+    when,
+)
 from retracer.errors import InvalidEvent, RetracerError
-from retracer.store.models import STATES, utcnow
+from retracer.store.models import STATES, History, Job, utcnow
 from retracer.workflow import load, load_spec, mermaid
 
 
@@ -28,26 +42,61 @@ from retracer.workflow import load, load_spec, mermaid
 @click.option("--executable", required=True, help="Path of the crashed executable.")
 @click.option("--build-id", "build_ids", multiple=True, help="A GNU build-id (hex); repeatable.")
 @click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--allow-duplicate", is_flag=True,
+              help="Make a job even if the crash already has one (by default that is refused).")
+@reason_option
+@actor_option
+@dry_run_option
 @json_option
 @pass_app
 def submit(app: AppContext, crash_id: str, creator: str, package: str, version_: str, architecture: str,
            release: str, core: str, executable: str, build_ids: tuple[str, ...], priority: int,
-           as_json: bool) -> None:
-    """Create a job from a crash (the same validation and apply path as a published crash.submitted)."""
+           allow_duplicate: bool, reason: str | None, actor: str | None, dry_run: bool, as_json: bool) -> None:
+    """Create a job from a crash (the same validation and apply path as a published crash.submitted).
+
+    The event's source is the admin (--as), so the job's history says who submitted it, with --reason.
+    A crash that already has a job is refused, naming the job, unless --allow-duplicate. --dry-run checks
+    everything and creates nothing.
+    """
     data: dict[str, Any] = {"crash_id": crash_id, "creator": creator, "package": package, "version": version_,
                             "architecture": architecture, "release": release, "core": core,
                             "executable": executable, "priority": priority}
     if build_ids:
         data["build_ids"] = list(build_ids)
+    who = actor_name(actor)
     try:
-        event = ev.make("crash.submitted", None, data, source="cli:submit")
+        event = ev.make("crash.submitted", None, data, source=who)
     except InvalidEvent as exc:
         raise InvalidEvent(f"cannot submit: {exc}") from None
-    with app.transaction() as session:
+    with app.factory() as session, session.begin():
+        if not allow_duplicate:
+            _refuse_duplicate(session, crash_id)
         (outcome,) = Applier(app.config).apply_batch(session, [event.to_dict()])
+        if outcome.status == "applied" and reason:
+            # An event carries no reason of its own: the admin's goes on the history row it wrote.
+            session.execute(update(History).where(History.event_id == event.id,
+                                                  History.job_id == outcome.job_id).values(reason=reason))
+        if dry_run:
+            session.rollback()
     if outcome.status != "applied":
         raise RetracerError(f"cannot submit: {outcome.reason}")
-    emit_json({"id": outcome.job_id}) if as_json else click.echo(outcome.job_id)
+    if as_json:
+        emit_json({"id": None, "dry_run": True} if dry_run else {"id": outcome.job_id})
+    elif dry_run:
+        click.echo(f"dry run: crash {crash_id} would become a new {outcome.dest} job; nothing was created")
+    else:
+        click.echo(outcome.job_id)
+
+
+def _refuse_duplicate(session: Session, crash_id: str) -> None:
+    found = session.execute(select(Job.id, Job.state).where(Job.crash_id == crash_id).order_by(Job.id)).all()
+    if found:
+        jobs = ", ".join(f"job {i} ({s})" for i, s in found)
+        first = found[-1][0]
+        raise RetracerError(
+            f"cannot submit: crash {crash_id} already has {jobs}; see `retracer show {first}` (`retracer retry "
+            f"{first}` sends a failed or held job back to the queue), or pass --allow-duplicate to make another "
+            f"job for the same crash")
 
 
 @cli.command("jobs")
@@ -104,8 +153,8 @@ def show(app: AppContext, job_id: int, as_json: bool) -> None:
         for line in data["upload_log"].rstrip().splitlines():
             click.echo(f"    {line}")
     click.echo("History:")
-    click.echo(table(["AT", "FROM", "TO", "TRIGGER", "BY", "REASON"],
-                     [[when(h["at"]), h["from"] or "-", h["to"], h["trigger"], h["by"], h["reason"]]
+    click.echo(table(["AT", "EVENT", "FROM", "TO", "TRIGGER", "BY", "REASON"],
+                     [[when(h["at"]), h["event_id"], h["from"] or "-", h["to"], h["trigger"], h["by"], h["reason"]]
                       for h in data["history"]]))
 
 
@@ -127,13 +176,21 @@ def status(app: AppContext, as_json: bool) -> None:
                if report["retracing"] else "  none")
     click.echo("\nQueue (dispatch order):")
     if report["queue"]:
-        click.echo(table(["JOB", "PACKAGE", "PRIORITY", "NOT BEFORE"],
+        click.echo(table(["JOB", "PACKAGE", "PRIORITY", "OFFERED"],
                          [[q["id"], q["package"], f"{q['priority']}{' (manual)' if q['manual'] else ''}",
-                           "now" if not q["not_before"] or q["not_before"] <= now
-                           else f"in {elapsed((q['not_before'] - now) / timedelta(seconds=1))}"]
-                          for q in report["queue"]]))
+                           "yes" if q["offered"] else "no"] for q in report["queue"]]))
+        _more(len(report["queue"]), report["queue_total"], "queued jobs", "--state PENDING")
     else:
         click.echo("  empty")
+    click.echo("\nWaiting for their retry time:")
+    if report["waiting"]:
+        click.echo(table(["JOB", "PACKAGE", "PRIORITY", "FAILED", "RETRY"],
+                         [[w["id"], w["package"], f"{w['priority']}{' (manual)' if w['manual'] else ''}",
+                           w["attempts"], f"in {elapsed((w['not_before'] - now) / timedelta(seconds=1))}"]
+                          for w in report["waiting"]]))
+        _more(len(report["waiting"]), report["waiting_total"], "waiting jobs", "--state PENDING")
+    else:
+        click.echo("  none")
     click.echo("\nRecent failures:")
     click.echo(table(["JOB", "PACKAGE", "WHAT", "NOW", "REASON"],
                      [[f["job"], f["package"], f["trigger"], f["to"], f["reason"]]
@@ -143,6 +200,12 @@ def status(app: AppContext, as_json: bool) -> None:
                if report["on_hold"] else "  none")
 
 
+def _more(shown: int, total: int, what: str, filter_: str) -> None:
+    if total > shown:
+        click.echo(f"  ... and {total - shown} more {what} (all {total}: `retracer status --json`, "
+                   f"`retracer jobs {filter_}`)")
+
+
 @cli.command()
 @click.option("--diagram", is_flag=True, help="Print a Mermaid state diagram drawn from states/workflow.toml.")
 @json_option
@@ -150,7 +213,7 @@ def states(diagram: bool, as_json: bool) -> None:
     """The workflow: states, what each means, and every transition (from states/workflow.toml)."""
     wf = load()
     if diagram:
-        click.echo(mermaid(wf))
+        emit_json({"mermaid": mermaid(wf)}) if as_json else click.echo(mermaid(wf))
         return
     if as_json:
         emit_json({

@@ -12,18 +12,36 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30000
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE."""
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names (None for another database or an in-memory one)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = make_url(url).database
+    return Path(path) if path and path != ":memory:" and not path.startswith("file:") else None
+
+
+def missing_database(url: str) -> Path | None:
+    """The SQLite file ``url`` names when it does not exist yet (opening it would create it)."""
+    path = sqlite_file(url)
+    return path if path is not None and not path.exists() else None
+
+
+def make_engine(url: str, create: bool = False, **kwargs: Any) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE.
+
+    ``create``: make the SQLite file's directory, for the one caller that may create a database (the schema
+    upgrade). Otherwise nothing is made here: a read must not leave an empty database behind.
+    """
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(url)
+        if create and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
 
         @event.listens_for(engine, "connect")

@@ -78,8 +78,8 @@ class Job(Base):
     __tablename__ = "job"
     __table_args__ = (
         CheckConstraint("state IN ('" + "', '".join(STATES) + "')", name="state"),
-        # The dispatcher's order: sticky manual priority first, then priority, then age.
-        Index("ix_job_dispatch", "state", "manual_priority", "priority", "id"),
+        # The dispatcher's order: priority (an admin's or the automatic one), then age.
+        Index("ix_job_dispatch", "state", "priority", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

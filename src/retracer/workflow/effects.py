@@ -96,13 +96,19 @@ def hold_exhausted(job: Job, change: Change, ctx: TriggerContext, now: datetime)
 
 
 def reset(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
-    """Back to the queue with its attempts reset and every trace of the last try cleared; the crash is kept."""
+    """Back to the queue with its attempts reset and every trace of the earlier tries cleared (so times and
+    the final mail's duration count from the new start); the crash and its priority are kept."""
     job.attempts = 0
     job.not_before = None
     job.hold_reason = None
     job.upload_log = None
+    job.upload_leaf = None
+    job.last_error = None
+    job.failure_pattern = None
     job.worker = None
     job.dispatched_at = None
+    job.last_heartbeat = None
+    job.started_at = None
     job.finished_at = None
     return None
 

@@ -83,7 +83,9 @@ class Workflow:
         if not done:
             failed = [g for g in candidates[-1].guards if not GUARDS[g](job, ctx)]
             why = "; ".join(f"guard {g} not met: {(GUARDS[g].__doc__ or '').strip().rstrip('.')}" for g in failed)
-            raise TransitionRefused(job.id, source, trigger, why, self.allowed_from(source))
+            # The trigger just refused is not offered back as allowed: it would be refused again as it stands.
+            raise TransitionRefused(job.id, source, trigger, why,
+                                    [t for t in self.allowed_from(source) if t != trigger])
         taken = next(t for t in candidates if t.dest_from(source) == job.state)
         return Change(trigger, None if source == NEW else source, job.state, taken.record, taken.effect,
                       dict(ctx.notes))

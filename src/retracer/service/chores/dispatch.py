@@ -1,7 +1,8 @@
 """The dispatch chore: queued jobs handed to workers in the queue's order, within max_parallel and their
 not-before times.
 
-The order is sticky manual priority first, then priority, then age (job id). A dispatched job stays queued
+The order is priority, then age (job id): an admin's priority is sticky (automatic scoring never changes
+it) but ranks by its value like any other, so a manual -5 goes after an automatic 0. A dispatched job stays queued
 with ``dispatched_at`` set until a worker's ``retrace.started`` moves it on; an offer nobody takes
 within ``dispatch_timeout_s`` is made again. Offers and RETRACING jobs together never exceed max_parallel:
 on PostgreSQL the count-then-offer runs under a transaction-scoped advisory lock, on SQLite under
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from retracer.config import Config
 from retracer.events import WORK_REQUEST
+from retracer.reports import DISPATCH_ORDER
 from retracer.service.chores.registry import Chore, ChoreContext, Simple
 from retracer.store.models import Job, Outbox, utcnow
 from retracer.workflow import load_spec
@@ -34,7 +36,7 @@ def queue_query(now: datetime, dispatch_timeout: timedelta) -> Select[Job]:
         .where(Job.state == ROLES.queue)
         .where(or_(Job.not_before.is_(None), Job.not_before <= now))
         .where(or_(Job.dispatched_at.is_(None), Job.dispatched_at <= now - dispatch_timeout))
-        .order_by(Job.manual_priority.desc(), Job.priority.desc(), Job.id)
+        .order_by(*DISPATCH_ORDER)
     )
 
 

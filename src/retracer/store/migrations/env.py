@@ -9,7 +9,7 @@ from retracer.store.models import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or ""
-engine = make_engine(url)
+engine = make_engine(url, create=True)  # migrating is how a database comes to be
 with engine.connect() as connection:
     context.configure(
         connection=connection,
