@@ -568,6 +568,15 @@ class TestFiling:
         assert filed.moved_to == spool_dir.resolve() / "accepted" / "job-7-1"
         assert filed.moved_to.is_dir() and not (spool_dir / "incoming" / "job-7-1").exists()
 
+    def test_never_there_is_not_filed(self, spool_dir: Path, results: Path) -> None:
+        """An upload name with nothing behind it is reported as missing, and filing it away moves nothing and
+        does not claim it disappeared while it was processed (it never existed)."""
+        result = run(spool_dir, "job-7-9", results, move=False)
+        assert result.missing and not result.accepted
+        assert "there is no upload 'job-7-9'" in result.upload_log
+        assert spool.file_away(spool_dir, result) == result
+        assert all(not any((spool_dir / sub).iterdir()) for sub in ("incoming", "accepted", "failed"))
+
     def test_vanished_upload(self, spool_dir: Path, results: Path, upload: Callable[..., Path]) -> None:
         """An upload taken away between the checks and the move is reported, not invented."""
         path = upload()

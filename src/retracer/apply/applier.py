@@ -190,15 +190,19 @@ class Applier:
 
     def fire(self, session: Session, job_id: int, trigger: str, by: str, reason: str | None = None,
              data: dict[str, Any] | None = None, event_id: str | None = None,
-             policy: FailurePolicy | None = None) -> Change:
-        """Fire a trigger on a job for an admin or the service itself; raises TransitionRefused."""
+             policy: FailurePolicy | None = None, mail: bool = True) -> Change:
+        """Fire a trigger on a job for an admin or the service itself; raises TransitionRefused.
+
+        ``mail=False`` (an admin's --no-mail) queues none of the mails the transition would send, and says so,
+        with who suppressed them and whom they were for, in the history's reason.
+        """
         job = self._job(session, job_id, lock=True)
         load_policy = cache(lambda: policy or self.policy(session))
         ctx = TriggerContext(data=dict(data or {}), by=by, reason=reason, event_id=event_id, load_policy=load_policy)
         change = self.workflow.fire(job, trigger, ctx)
         batch = _Batch(jobs={job.id: job}, now=utcnow(), load_policy=load_policy, touched={job.id})
         try:
-            self._record(session, job, change, ctx, batch)
+            self._record(session, job, change, ctx, batch, mail=mail)
         except KeyError as exc:
             raise RetracerError(f"trigger {trigger!r} needs data field {exc.args[0]!r}") from None
         if event_id is not None:
@@ -217,7 +221,8 @@ class Applier:
             raise JobNotFound(job_id)
         return job
 
-    def _record(self, session: Session, job: Job, change: Change, ctx: TriggerContext, batch: _Batch) -> None:
+    def _record(self, session: Session, job: Job, change: Change, ctx: TriggerContext, batch: _Batch,
+                mail: bool = True) -> None:
         """The transition's consequences: effects on the job now; history and mail rows at the batch's end."""
         effect_reason = EFFECTS[change.effect](job, change, ctx, batch.now)
         if not change.record:
@@ -225,7 +230,12 @@ class Applier:
         reason = ctx.reason or effect_reason
         history = {"from_state": change.source, "to_state": change.dest, "trigger": change.trigger,
                    "event_id": ctx.event_id, "actor": ctx.by, "reason": reason, "at": batch.now}
-        mails = mail_rows(self.workflow, job, change, batch.now, ctx.by, reason, self.admins) if change.moved else []
+        mails = mail_rows(self.workflow, job, change, batch.now, ctx.by, reason, self.config) if change.moved else []
+        if mails and not mail:
+            # Suppressed mail leaves a trace: whoever wonders why nobody was told finds who decided it.
+            told = ", ".join(m["recipient"] for m in mails)
+            history["reason"] = "; ".join(filter(None, [reason, f"mail to {told} suppressed by {ctx.by}"]))
+            mails = []
         batch.history.append((history, job, mails))
 
     def _finish(self, session: Session, batch: _Batch) -> None:

@@ -12,16 +12,19 @@ from typing import Any
 
 import click
 
-from retracer.apply.applier import Applier
+from retracer.apply.applier import Applier, Outcome
 from retracer.apply.runner import Runner
 from retracer.cli import cli
 from retracer.cli.context import AppContext, actor_name, actor_option, dry_run_option, emit_json, json_option, pass_app
 from retracer.store.models import Job
-from retracer.uploads.intake import process_incoming
+from retracer.uploads.intake import Admin, process_incoming
 from retracer.uploads.rescue import rescue as rescue_upload
+from retracer.uploads.spool import UploadResult
 from retracer.workflow import Change, load
 
 reason_option = click.option("--reason", default=None, help="Why (kept in the job's history).")
+no_mail_option = click.option("--no-mail", is_flag=True,
+                              help="Queue none of the mails the transition would send (the history says so).")
 
 
 def run_admin_trigger(app: AppContext, job_id: int, trigger: str, actor: str | None, reason: str | None,
@@ -90,7 +93,8 @@ REASON_GUARDS = ("has_reason",)
 _register_admin_commands()
 
 
-@cli.command()
+# ignore_unknown_options: a negative PRIORITY ("-5") is not an option the parser does not know.
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("job_id", type=int, metavar="JOB")
 @click.argument("priority", type=click.IntRange(-1000, 1000))
 @reason_option
@@ -111,18 +115,20 @@ def priority(app: AppContext, job_id: int, priority: int, reason: str | None, ac
 @click.argument("job_id", type=int, metavar="JOB")
 @reason_option
 @actor_option
+@no_mail_option
 @dry_run_option
 @json_option
 @pass_app
-def rescue(app: AppContext, job_id: int, reason: str | None, actor: str | None, dry_run: bool,
+def rescue(app: AppContext, job_id: int, reason: str | None, actor: str | None, no_mail: bool, dry_run: bool,
            as_json: bool) -> None:
     """Reprocess a FAILEDTOUPLOAD job's kept upload (spool failed/ -> incoming/ -> accepted/).
 
     Accepted: the job becomes FULLYBUILT and its upload log is cleared. Refused again: it stays FAILEDTOUPLOAD
-    with the new upload log, and the command exits 1. --dry-run runs every check and changes nothing.
+    with the new upload log, and the command exits 1. An upload moved back to incoming/ by hand is rescued from
+    there. --no-mail sends no mail about it (the history says so); --dry-run runs every check and changes nothing.
     """
     who = actor_name(actor)
-    done = rescue_upload(app.config, app.factory, job_id, who, reason, dry_run)
+    done = rescue_upload(app.config, app.factory, job_id, who, reason, dry_run, mail=not no_mail)
     if as_json:
         emit_json({**done.to_dict(), "by": who})
     else:
@@ -146,30 +152,52 @@ def rescue(app: AppContext, job_id: int, reason: str | None, actor: str | None, 
 
 @cli.command("process-upload")
 @click.option("--leaf", default=None, help="Process this upload only (a directory name in spool/incoming/).")
+@reason_option
+@actor_option
+@no_mail_option
 @dry_run_option
 @json_option
 @pass_app
-def process_upload(app: AppContext, leaf: str | None, dry_run: bool, as_json: bool) -> None:
-    """Process the spool's incoming uploads now (what `serve` does on each round).
+def process_upload(app: AppContext, leaf: str | None, reason: str | None, actor: str | None, no_mail: bool,
+                   dry_run: bool, as_json: bool) -> None:
+    """Process the spool's incoming uploads now (what `serve` does on each round), as an admin.
 
-    Each upload is checked, its backtrace stored, its upload.accepted / upload.failed event applied, and it
-    is moved to accepted/ or failed/. --dry-run runs every check and reports; nothing is stored or moved.
+    Each upload is checked, its backtrace stored, its job moved on (recorded in its history under your name),
+    and it is moved to accepted/ or failed/. An upload for a FAILEDTOUPLOAD job (moved back from failed/ by
+    hand) rescues the job as `retracer rescue` does. Exits 1 if an upload was refused or its job could not
+    take it. --no-mail sends no mail about it (the history says so); --dry-run runs every check and reports;
+    nothing is stored or moved.
     """
+    who = actor_name(actor)
+    admin = Admin(who, reason, mail=not no_mail)
     done = process_incoming(app.config, app.factory, Runner(app.config, app.factory).apply, leaf=leaf,
-                            dry_run=dry_run)
+                            dry_run=dry_run, admin=admin)
+    failed = [r for r, o in done if not r.accepted or (o is not None and o.status == "rejected")]
     if as_json:
         emit_json([{"leaf": r.leaf, "job": r.job_id, "accepted": r.accepted, "upload_log": r.upload_log,
-                    "moved_to": str(r.moved_to) if r.moved_to else None, "dry_run": dry_run,
-                    "event": o.to_dict() if o else None} for r, o in done])
+                    "moved_to": str(r.moved_to) if r.moved_to else None, "dry_run": dry_run, "by": who,
+                    "mail": not no_mail, "event": o.to_dict() if o else None} for r, o in done])
+    else:
+        if not done:
+            click.echo("no uploads waiting in " + str(app.config.spool_dir / "incoming"))
+        for result, outcome in done:
+            _report_upload(result, outcome, who)
+    if failed:
+        raise SystemExit(1)
+
+
+def _report_upload(result: UploadResult, outcome: Outcome | None, by: str) -> None:
+    click.echo(result.summary())
+    if not result.accepted:
+        for line in result.upload_log.splitlines():
+            click.echo(f"  {line}")
+    if outcome is None:
         return
-    if not done:
-        click.echo("no uploads waiting in " + str(app.config.spool_dir / "incoming"))
-    for result, outcome in done:
-        click.echo(result.summary())
-        if not result.accepted:
-            for line in result.upload_log.splitlines():
-                click.echo(f"  {line}")
-        if outcome is not None:
-            click.echo(f"  event {outcome.event_type}: {outcome.status}"
-                       + (f" (job {outcome.job_id} {outcome.source} -> {outcome.dest})" if outcome.dest else "")
-                       + (f": {outcome.reason}" if outcome.reason else ""))
+    if outcome.status == "applied" and outcome.dest:
+        moved = f"{outcome.source} -> {outcome.dest}" if outcome.source != outcome.dest else f"stays {outcome.dest}"
+        click.echo(f"  job {outcome.job_id} is now {outcome.dest} ({outcome.trigger}: {moved}, by {by})")
+    elif outcome.status == "duplicate":
+        click.echo(f"  job {outcome.job_id} unchanged: this upload was processed before (event {outcome.event_id})")
+    else:
+        click.echo(f"  job {outcome.job_id} unchanged: event {outcome.event_type} rejected: {outcome.reason}; "
+                   f"it is kept in `retracer rejected`")

@@ -1,8 +1,12 @@
 """The admin's rescue of a job whose upload was refused: its kept upload processed again, under the spool's
-lock, and the rescue trigger fired (or the failed-again one, with the new upload log)."""
+lock, and the rescue trigger fired (or the failed-again one, with the new upload log).
+
+The kept upload is in failed/, or in incoming/ when the admin moved it back by hand (the manual way, which
+`serve` leaves to an admin): a rescue takes it from either."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -13,7 +17,8 @@ from retracer.config import Config
 from retracer.errors import JobNotFound, TransitionRefused, UploadRejected
 from retracer.store.models import Job
 from retracer.uploads import spool
-from retracer.uploads.intake import spool_lock
+from retracer.uploads.files import ACCEPTED, FAILED, INCOMING
+from retracer.uploads.intake import Admin, fire_for_admin, spool_lock
 from retracer.workflow import Change
 
 
@@ -26,6 +31,7 @@ class Rescue:
     upload: spool.UploadResult
     change: Change
     dry_run: bool
+    mail: bool = True
 
     @property
     def succeeded(self) -> bool:
@@ -36,15 +42,17 @@ class Rescue:
                 "from": self.change.source, "to": self.change.dest, "trigger": self.change.trigger,
                 "upload_log": None if self.upload.accepted else self.upload.upload_log,
                 "stored_at": str(self.upload.stored_at) if self.upload.stored_at else None,
-                "moved_to": str(self.upload.moved_to) if self.upload.moved_to else None, "dry_run": self.dry_run}
+                "moved_to": str(self.upload.moved_to) if self.upload.moved_to else None, "dry_run": self.dry_run,
+                "mail": self.mail}
 
 
 def rescue(config: Config, factory: sessionmaker[Session], job_id: int, by: str, reason: str | None,
-           dry_run: bool = False) -> Rescue:
+           dry_run: bool = False, mail: bool = True) -> Rescue:
     """Reprocess a FAILEDTOUPLOAD job's kept upload: FULLYBUILT if accepted, else FAILEDTOUPLOAD with the new log.
 
-    The dry run runs every check on the upload where it lies (failed/) and fires the trigger in a transaction
-    that is rolled back: nothing moves, nothing is stored, no state changes and no mail is queued.
+    The dry run runs every check on the upload where it lies (failed/ or incoming/) and fires the trigger in a
+    transaction that is rolled back: nothing moves, nothing is stored, no state changes and no mail is queued.
+    ``mail=False`` queues no mail for the transition and records that in the job's history.
     """
     applier = Applier(config)
     with factory() as session:
@@ -63,20 +71,24 @@ def rescue(config: Config, factory: sessionmaker[Session], job_id: int, by: str,
                              f"use `retracer retry {job_id}` to retrace it again")
     limits = spool.Limits.from_config(config)
     with spool_lock(config):
+        kept = _kept_in(config, job_id, leaf)
         if dry_run:
             result = spool.process(config.spool_dir, leaf, expected, limits, config.results_dir, dry_run=True,
-                                   source="failed")
+                                   source=kept)
         else:
-            spool.restore_failed(config.spool_dir, leaf)
+            if kept == FAILED:
+                spool.restore_failed(config.spool_dir, leaf)
             result = spool.process(config.spool_dir, leaf, expected, limits, config.results_dir, move=False)
         trigger = roles.rescue if result.accepted else roles.rescue_failed
         with factory() as session:
             session.begin()
             try:
-                change = applier.fire(session, job_id, trigger, by=by, reason=reason, data=result.to_event_data())
+                change = fire_for_admin(session, applier, job_id, trigger, result, Admin(by, reason, mail))
+                if change is None:  # only an upload's own event can be a duplicate; a rescue always fires
+                    raise UploadRejected(f"job {job_id}: the rescue of upload {leaf} fired nothing; run it again")
             except BaseException:
                 session.rollback()
-                if not dry_run:  # put the upload back where the admin found it
+                if not dry_run and kept == FAILED:  # put the upload back where the admin found it
                     spool.file_away(config.spool_dir, replace(result, accepted=False))
                 raise
             if dry_run:
@@ -85,4 +97,18 @@ def rescue(config: Config, factory: sessionmaker[Session], job_id: int, by: str,
                 session.commit()
         if not dry_run:
             result = spool.file_away(config.spool_dir, result)
-    return Rescue(job_id, leaf, result, change, dry_run)
+    return Rescue(job_id, leaf, result, change, dry_run, mail)
+
+
+def _kept_in(config: Config, job_id: int, leaf: str) -> spool.Source:
+    """Where the job's upload waits for its rescue: failed/, or incoming/ if an admin moved it back by hand."""
+    root = config.spool_dir
+    if os.path.lexists(root / FAILED / leaf):
+        return "failed"
+    if os.path.lexists(root / INCOMING / leaf):
+        return "incoming"
+    filed = root / ACCEPTED / leaf
+    elsewhere = (f"it is in {filed}: move it back to {root / FAILED} and rescue again" if os.path.lexists(filed)
+                 else f"retrace the crash again with `retracer retry {job_id}`")
+    raise UploadRejected(f"job {job_id}'s upload {leaf} is neither kept in {root / FAILED} nor waiting in "
+                         f"{root / INCOMING}: nothing to rescue; {elsewhere}")

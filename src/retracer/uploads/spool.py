@@ -71,6 +71,8 @@ class UploadResult:
     source: str = INCOMING
     #: Every problem found, one per line of ``upload_log`` (empty when accepted).
     problems: tuple[str, ...] = field(default=())
+    #: There was no upload of that name to process: nothing was read, and there is nothing to file away.
+    missing: bool = False
 
     @property
     def event_type(self) -> str:
@@ -124,7 +126,7 @@ def process(spool_dir: str | os.PathLike[str], leaf: str,
     problems = inspection.problems
     if inspection.missing:
         return UploadResult(leaf, job_id, False, "\n".join(problems), None, None, dry_run, source=source,
-                            problems=tuple(problems))
+                            problems=tuple(problems), missing=True)
     stored_at = Path(results_dir) / str(job.job_id) / BACKTRACE if results_dir is not None and job else None
     replayed = False
     roles = load_spec().roles
@@ -163,7 +165,7 @@ def process(spool_dir: str | os.PathLike[str], leaf: str,
 
 def file_away(spool_dir: str | os.PathLike[str], outcome: UploadResult) -> UploadResult:
     """Move a processed upload to accepted/ or failed/ per its outcome (for ``process(..., move=False)``)."""
-    if not is_plain_component(outcome.leaf):
+    if outcome.missing or not is_plain_component(outcome.leaf):
         return outcome
     root = Path(os.path.realpath(spool_dir))
     dest = ACCEPTED if outcome.accepted else FAILED
