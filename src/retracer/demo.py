@@ -317,15 +317,21 @@ def _verdict(story: Story, config: cfg.Config, factory: sessionmaker[Session]) -
 
 
 def _expected_mails(jobs: dict[int, Job]) -> list[tuple[str, str, str]]:
+    """Per crash, the (job, state, recipient) mails its story must have sent: whom the workflow file says each
+    state it passes through notifies."""
+    spec = load_spec()
+
+    def to(state: str, crash: Crash) -> list[str]:
+        notify = spec.states[state].notify
+        return [*(ADMINS if "admins" in notify else []), *([crash.creator] if "creator" in notify else [])]
+
     expected = []
     for crash in CRASHES:
         job = str(crash.job)
+        passed = [crash.expect_state]
         if crash.outcomes[0] == "no-symbols":
-            expected += [(job, ROLES.rescuable, a) for a in ADMINS] + [(job, ROLES.rescuable, crash.creator)]
-        if crash.expect_state == ROLES.success:
-            expected.append((job, ROLES.success, crash.creator))
-        if crash.expect_state == ROLES.held:
-            expected += [(job, ROLES.held, a) for a in ADMINS]
+            passed.insert(0, ROLES.rescuable)
+        expected += [(job, state, recipient) for state in passed for recipient in to(state, crash)]
     return expected
 
 

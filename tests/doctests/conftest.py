@@ -8,7 +8,8 @@ can use without importing:
 ``data_dir``, ``spool``
     The instance's data directory and its upload spool.
 ``env``
-    The environment the commands see; a spec changes the configuration by setting a variable in it.
+    The environment the commands see: ``RETRACER_CONFIG`` names the instance's configuration file (its data
+    directory and admins); a spec changes a setting by setting a ``RETRACER__SECTION__KEY`` variable in it.
 ``event(type, job, **data)``
     A valid event, as a worker or an uploader would publish it.
 ``publish(*events)``
@@ -41,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import mailbox
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -155,10 +157,15 @@ def _embedded_instance(doctest_namespace: dict[str, Any], tmp_path: Path, sqlite
     data_dir = tmp_path / "retracer"
     data_dir.mkdir()
     shutil.copy(sqlite_template, data_dir / "retracer.db")
-    env = {"RETRACER__SERVICE__DATA_DIR": str(data_dir), "RETRACER__MAIL__ADMINS": ADMINS}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("RETRACER_CONFIG", raising=False)
+    # The instance has a configuration file, as a real one would: the commands its mails print name it.
+    settings = data_dir / "retracer.toml"
+    admins = ", ".join(json.dumps(a) for a in ADMINS.split(","))
+    settings.write_text(f"[service]\ndata_dir = {json.dumps(str(data_dir))}\n\n[mail]\nadmins = [{admins}]\n",
+                        encoding="utf-8")
+    env = {"RETRACER_CONFIG": str(settings)}
+    for name in [n for n in os.environ if n.startswith("RETRACER__")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RETRACER_CONFIG", str(settings))
     retracer = Shell(env)
     retracer.env = env  # one dict: what a spec sets in ``env``, the next command sees
     spool = data_dir / "spool"

@@ -34,6 +34,7 @@ from retracer import config as cfg
 from retracer import events as ev
 from retracer.testing.faults import POINTS
 from retracer.testing.instance import RETRACER, Instance
+from retracer.workflow import load_spec
 
 FINAL_STATE = {"accepted": "FULLYBUILT", "upload_failed": "FAILEDTOUPLOAD", "held": "ON_HOLD"}
 ENDINGS = tuple(FINAL_STATE)
@@ -191,8 +192,8 @@ class Workload:
             if job is None:
                 continue  # its submission was lost: the checker counts that
             state = FINAL_STATE[s.ending]
-            people = {"FULLYBUILT": [s.creator], "FAILEDTOUPLOAD": [*admins, s.creator],
-                      "ON_HOLD": list(admins)}[state]
+            notify = load_spec().states[state].notify  # whom the workflow file says the state mails
+            people = [*(admins if "admins" in notify else []), *([s.creator] if "creator" in notify else [])]
             out |= {(job, state, p.lower()) for p in people}
         return out
 

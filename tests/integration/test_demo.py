@@ -34,7 +34,7 @@ def test_demo_tells_the_story(tmp_path: Path) -> None:
                  "The story ended as told"):
         assert line in out, f"missing {line!r} in:\n{out}"
     box = mailbox.mbox(str(root / "mail" / "outbox.mbox"))
-    assert len(box) == 8
+    assert len(box) == 9  # 3 FULLYBUILT to creators, 3 FAILEDTOUPLOAD, 3 ON_HOLD (2 admins and the creator)
     assert (root / "retracer.toml").exists() and (root / "retracer.db").exists()
 
 

@@ -150,6 +150,16 @@ class TestDelivery:
         assert all(m["Bcc"] is None for m in messages)
         assert "x@example.com" not in {r for _, rcpts in smtp.envelopes for r in rcpts}
 
+    def test_non_ascii_values_arrive_intact_over_8bitmime(self, inst: Instance, smtp: CaptureServer) -> None:
+        """The sender's bytes carry 8-bit text as the email package would (BODY=8BITMIME): it reads back."""
+        inst.failed_upload(package="paquet-été", release="ünïcode " * 12)
+        report = deliver_pending(inst.factory, inst.config)
+        assert (report.sent, report.failed) == (3, 0)
+        for message in smtp.pop():
+            assert "paquet-été" in str(message["Subject"])
+            part = message.get_body(("plain",))
+            assert part is not None and " * Package: paquet-été" in part.get_content()
+
     def test_a_mail_that_cannot_be_rendered_fails_for_good(self, inst: Instance, smtp: CaptureServer) -> None:
         """A snapshot without its upload log is refused with the reason, kept as failed, never retried."""
         inst.failed_upload()

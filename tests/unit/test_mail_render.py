@@ -102,7 +102,7 @@ class TestFailedToUpload:
         body = plain(render(notice(), cfg))
         for line in [" * Crash: crash-0001", " * Package: cdrkit", " * Version: 1.0", " * Architecture: i386",
                      " * Release: breezy-autotest", " * State: Failed to upload", " * Duration: 1 minute",
-                     " * Worker: bob", " * Attempts: 0 failed", "Upload log:\nANY OUTPUT",
+                     " * Worker: bob", " * Failed attempts: 0", "Upload log:\nANY OUTPUT",
                      '    retracer rescue 22 --reason "..."']:
             assert line in body
 

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 
 from retracer.cli import cli
-from retracer.cli.context import AppContext, emit_json, json_option, pass_app, table, when
+from retracer.cli.context import (
+    AppContext,
+    actor_name,
+    actor_option,
+    dry_run_option,
+    emit_json,
+    json_option,
+    pass_app,
+    reason_option,
+    table,
+    when,
+)
 from retracer.mail.sender import STATUSES, DeliveryReport, deliver_pending
-from retracer.store.models import Mail
+from retracer.store.models import Audit, Job, Mail, utcnow
 
 
 @cli.group("mail")
@@ -35,21 +47,56 @@ def _summary(report: DeliveryReport) -> str:
 @mail_group.command("flush", short_help="Deliver the mails that are due now (for cron).")
 @click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True,
               help="Deliver at most this many mails in this run.")
+@reason_option
+@actor_option
+@dry_run_option
 @json_option
 @pass_app
 @click.pass_context
-def flush(ctx: click.Context, app: AppContext, limit: int, as_json: bool) -> None:
+def flush(ctx: click.Context, app: AppContext, limit: int, reason: str | None, actor: str | None, dry_run: bool,
+          as_json: bool) -> None:
     """Deliver the mails that are due now (for cron; `serve` does it on its own).
 
-    Exits 1 when a mail failed; failing mails are retried later with backoff.
+    Exits 1 when a mail failed; failing mails are retried later with backoff. --dry-run lists the mails
+    that are due and sends nothing; with --reason, what was delivered is also kept in `retracer audit` with
+    --as and the reason.
     """
+    if dry_run:
+        due = _due(app, limit)
+        if as_json:
+            emit_json({"due": [mail_dict(m) for m in due], "dry_run": True})
+        elif not due:
+            click.echo("dry run: no mails due")
+        else:
+            click.echo(f"dry run: {len(due)} mail{'' if len(due) == 1 else 's'} due, nothing was sent "
+                       f"(flood control may fold some into digests when they are):")
+            click.echo(table(["ID", "JOB", "STATE", "TO", "WHY", "STATUS", "TRIES"],
+                             [[m.id, m.job_id if m.job_id is not None else "-", m.state, m.recipient, m.rationale,
+                               m.status, m.attempts] for m in due]))
+        return
     report = deliver_pending(app.factory, app.config, limit)
+    if reason is not None and (report.sent or report.failed or report.digests or report.deferred):
+        with app.transaction() as session:
+            session.add(Audit(actor=actor_name(actor), action="mail.flush",
+                              detail=json.dumps({**report.to_dict(), "reason": reason})))
     if as_json:
         emit_json(report.to_dict())
     else:
         click.echo(_summary(report))
     if report.failed:
         ctx.exit(1)
+
+
+def _due(app: AppContext, limit: int) -> list[Mail]:
+    """The mails a flush would try now, oldest first (the sender's choice before flood control)."""
+    now = utcnow()
+    with app.transaction() as session:
+        return list(session.scalars(
+            select(Mail)
+            .where(or_(and_(Mail.status.in_(("pending", "failing")),
+                            or_(Mail.next_attempt_at.is_(None), Mail.next_attempt_at <= now)),
+                       and_(Mail.status == "sending", Mail.next_attempt_at <= now)))
+            .order_by(Mail.id).limit(limit)))
 
 
 def mail_dict(mail: Mail) -> dict[str, Any]:
@@ -68,7 +115,8 @@ def mail_dict(mail: Mail) -> dict[str, Any]:
 @pass_app
 def list_cmd(app: AppContext, status: str | None, job_id: int | None, limit: int, as_json: bool) -> None:
     """Mails in the outbox, oldest first: pending, sending, sent, failing (with the last error), failed,
-    digested (replaced by a flood-control digest)."""
+    digested (replaced by a flood-control digest), stale (not sent: the job left the state the mail
+    announced; the job's state now is shown)."""
     with app.transaction() as session:
         stmt = select(Mail).order_by(Mail.id.desc()).limit(limit)
         if status:
@@ -76,8 +124,11 @@ def list_cmd(app: AppContext, status: str | None, job_id: int | None, limit: int
         if job_id is not None:
             stmt = stmt.where(Mail.job_id == job_id)
         found = list(reversed(session.scalars(stmt).all()))
+        jobs = sorted({m.job_id for m in found if m.job_id is not None})
+        now = {job: state for job, state in session.execute(select(Job.id, Job.state).where(Job.id.in_(jobs)))}
     if as_json:
-        emit_json([mail_dict(m) for m in found])
+        emit_json([{**mail_dict(m), "job_state_now": now.get(m.job_id) if m.job_id is not None else None}
+                   for m in found])
         return
     if not found:
         click.echo("no mails" + (f" with status {status}" if status else "") +
@@ -86,6 +137,16 @@ def list_cmd(app: AppContext, status: str | None, job_id: int | None, limit: int
     click.echo(table(
         ["ID", "JOB", "STATE", "TO", "WHY", "STATUS", "TRIES", "NEXT TRY", "LAST ERROR"],
         [[m.id, m.job_id if m.job_id is not None else "-", m.state, m.recipient, m.rationale,
-          f"{m.status} (#{m.digest_of})" if m.status == "digested" else m.status, m.attempts,
+          _status(m, now), m.attempts,
           when(m.next_attempt_at) if m.status in ("pending", "failing") else "-",
           (m.last_error or "-") if m.status != "sent" else "-"] for m in found]))
+
+
+def _status(mail: Mail, job_states: dict[int, str]) -> str:
+    """The status as `mail list` shows it: with the digest that replaced the mail, or the job's state now
+    for a stale one (why it was not sent)."""
+    if mail.status == "digested":
+        return f"digested (#{mail.digest_of})"
+    if mail.status == "stale" and mail.job_id is not None:
+        return f"stale (job now {job_states.get(mail.job_id, 'gone')})"
+    return mail.status

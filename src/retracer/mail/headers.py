@@ -26,7 +26,10 @@ MAX_HEADER_VALUE = 400
 def clean(value: object, max_length: int = MAX_HEADER_VALUE) -> str:
     """``value`` as one safe header line: no control characters, no encoded-word syntax, one space runs."""
     text = str(value)
-    text = "".join(" " if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in text)
+    # Printable ASCII has none of the unsafe categories: only other text needs the look at each character
+    # (~40 µs a mail for the headers of one notification, measured).
+    if not (text.isascii() and text.isprintable()):
+        text = "".join(" " if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in text)
     text = _SPACES.sub(" ", text).strip()
     # An encoded word must start with "=?" and cannot contain a space, so "= ?" can never be decoded;
     # the replacement cannot create a new "=?" across its own edges, so one pass is enough.

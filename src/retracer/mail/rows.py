@@ -7,11 +7,20 @@ Delivery happens after commit (retracer.mail.sender), never inside the transitio
 
 from __future__ import annotations
 
+import os
+import shlex
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from retracer.config import Config
 from retracer.store.models import Job
+from retracer.uploads.files import FAILED, INCOMING, is_plain_component
 from retracer.workflow import Change, Workflow
+
+#: The settings that say where an instance keeps its state: a command pasted from a mail needs them to act on
+#: the same jobs (the others, like who is mailed, do not change what a rescue or a retry does).
+LOCATING = ("service.data_dir", "database.url", "spool.path")
 
 
 def recipients(workflow: Workflow, job: Job, state: str, admins: list[str]) -> list[tuple[str, str]]:
@@ -23,6 +32,33 @@ def recipients(workflow: Workflow, job: Job, state: str, admins: list[str]) -> l
         for address in addresses:
             chosen.setdefault(address.strip().lower(), (address.strip(), rationale))
     return list(chosen.values())
+
+
+def command(config: Config) -> str:
+    """How an admin runs `retracer` on this instance, as a mail prints it: with the instance's configuration
+    file when it has one, else with the environment settings that locate it (never one holding a password)."""
+    if config.path:
+        return f"retracer --config {shlex.quote(str(Path(config.path).resolve()))}"
+    settings = []
+    for key in LOCATING:
+        origin = config.origin.get(key, "")
+        section, name = key.split(".")
+        value = str(config[section][name])
+        if origin.startswith("env ") and not _has_password(value):
+            settings.append(f"{origin[4:]}={shlex.quote(value)}")
+    return " ".join([*settings, "retracer"])
+
+
+def _has_password(value: str) -> bool:
+    userinfo = value.partition("://")[2].partition("@")
+    return bool(userinfo[1]) and ":" in userinfo[0]
+
+
+def upload_kept(config: Config, leaf: str | None) -> bool:
+    """Whether the spool holds the upload ``leaf`` (still in incoming/, or kept in failed/) for a rescue."""
+    if not leaf or not is_plain_component(leaf):
+        return False
+    return any(os.path.lexists(config.spool_dir / where / leaf) for where in (INCOMING, FAILED))
 
 
 def snapshot(workflow: Workflow, job: Job, change: Change, at: datetime, actor: str,
@@ -45,11 +81,15 @@ def snapshot(workflow: Workflow, job: Job, change: Change, at: datetime, actor: 
 
 
 def mail_rows(workflow: Workflow, job: Job, change: Change, at: datetime, actor: str, reason: str | None,
-              admins: list[str]) -> list[dict[str, Any]]:
+              config: Config) -> list[dict[str, Any]]:
     """One pending mail row per recipient of the state just entered (job and history ids filled by the caller)."""
-    people = recipients(workflow, job, change.dest, admins)
+    people = recipients(workflow, job, change.dest, list(config["mail"]["admins"]))
     if not people:
         return []
     context = snapshot(workflow, job, change, at, actor, reason)
+    context["retracer"] = command(config)
+    if change.dest == workflow.roles.rescuable:
+        # Looked up now: an upload.failed from an uploader may name an upload the spool never had.
+        context["upload_kept"] = upload_kept(config, job.upload_leaf)
     return [{"state": change.dest, "recipient": address, "rationale": rationale, "context": context,
              "status": "pending", "attempts": 0, "created_at": at} for address, rationale in people]
