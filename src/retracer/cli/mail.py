@@ -22,6 +22,7 @@ from retracer.cli.context import (
     when,
 )
 from retracer.mail.sender import STATUSES, DeliveryReport, deliver_pending
+from retracer.mail.stale import stale_reasons
 from retracer.store.models import Audit, Job, Mail, utcnow
 
 
@@ -62,9 +63,9 @@ def flush(ctx: click.Context, app: AppContext, limit: int, reason: str | None, a
     --as and the reason.
     """
     if dry_run:
-        due = _due(app, limit)
+        due, stale = _due(app, limit)
         if as_json:
-            emit_json({"due": [mail_dict(m) for m in due], "dry_run": True})
+            emit_json({"due": [{**mail_dict(m), "stale": stale.get(m.id)} for m in due], "dry_run": True})
         elif not due:
             click.echo("dry run: no mails due")
         else:
@@ -72,7 +73,8 @@ def flush(ctx: click.Context, app: AppContext, limit: int, reason: str | None, a
                        f"(flood control may fold some into digests when they are):")
             click.echo(table(["ID", "JOB", "STATE", "TO", "WHY", "STATUS", "TRIES"],
                              [[m.id, m.job_id if m.job_id is not None else "-", m.state, m.recipient, m.rationale,
-                               m.status, m.attempts] for m in due]))
+                               f"{m.status}, would be stale" if m.id in stale else m.status, m.attempts]
+                              for m in due]))
         return
     report = deliver_pending(app.factory, app.config, limit)
     if reason is not None and (report.sent or report.failed or report.digests or report.deferred):
@@ -87,16 +89,18 @@ def flush(ctx: click.Context, app: AppContext, limit: int, reason: str | None, a
         ctx.exit(1)
 
 
-def _due(app: AppContext, limit: int) -> list[Mail]:
-    """The mails a flush would try now, oldest first (the sender's choice before flood control)."""
+def _due(app: AppContext, limit: int) -> tuple[list[Mail], dict[int, str]]:
+    """The mails a flush would try now, oldest first (the sender's choice before flood control), and why each
+    that a flush would find stale is (it would not be sent)."""
     now = utcnow()
     with app.transaction() as session:
-        return list(session.scalars(
+        due = list(session.scalars(
             select(Mail)
             .where(or_(and_(Mail.status.in_(("pending", "failing")),
                             or_(Mail.next_attempt_at.is_(None), Mail.next_attempt_at <= now)),
                        and_(Mail.status == "sending", Mail.next_attempt_at <= now)))
             .order_by(Mail.id).limit(limit)))
+        return due, stale_reasons(session, ((m.id, m.job_id, m.history_id, m.state) for m in due))
 
 
 def mail_dict(mail: Mail) -> dict[str, Any]:
