@@ -18,13 +18,15 @@ class JsonError(click.ClickException):
     """An error of a command run with --json: one JSON object on standard output, so that a script reading
     the output always gets JSON, with the message and the exit status."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        # click declares exit_code per class; a JSON error keeps the status of the error it stands for.
-        self.exit_code = exit_code
-
     def show(self, file: object = None) -> None:
         click.echo(json.dumps({"error": self.format_message(), "exit_code": self.exit_code}, indent=2))
+
+
+def json_error(message: str, exit_code: int) -> JsonError:
+    """A JsonError that exits with ``exit_code`` (click reads the status from the class)."""
+    kind = type(f"JsonError{exit_code}", (JsonError,), {"exit_code": exit_code})
+    error: JsonError = kind(message)
+    return error
 
 
 class RetracerGroup(click.Group):
@@ -48,8 +50,8 @@ class RetracerGroup(click.Group):
                 f"run the command again.", 1) from None
         except click.ClickException as exc:
             if not isinstance(exc, JsonError) and _wants_json(ctx):
-                raise JsonError(exc.format_message() if not isinstance(exc, click.UsageError)
-                                else _usage_message(exc), exc.exit_code) from None
+                raise json_error(exc.format_message() if not isinstance(exc, click.UsageError)
+                                 else _usage_message(exc), exc.exit_code) from None
             raise
 
 
@@ -69,7 +71,7 @@ def _usage_message(exc: click.UsageError) -> str:
 
 def _error(ctx: click.Context, message: str, exit_code: int) -> click.ClickException:
     if _wants_json(ctx):
-        return JsonError(message, exit_code)
+        return json_error(message, exit_code)
     return click.ClickException(message)
 
 
