@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select, update
 
 from retracer import config as cfg
@@ -569,3 +571,89 @@ class TestStatusQueue:
                              "`retracer jobs --state PENDING`)")
         report = rt.json("status")
         assert (len(report["queue"]), report["queue_total"]) == (20, 23)
+
+
+class TestSpuriousBounded:
+    """`spurious add` refuses what cannot be matched in bounded time; `list` shows a stored one serve skips."""
+
+    @pytest.mark.parametrize(("pattern", "what"), [(r"mirror (\w+) \1", "backreferences"),
+                                                   (r"fetch(?= failed)", "lookahead"),
+                                                   (r"(?<!not )found", "lookbehind"),
+                                                   (r"[a-z][^q]{400}q", "too large once compiled")])
+    def test_add_refuses(self, rt: Retracer, pattern: str, what: str) -> None:
+        """The refusal names what is wrong and what to write; nothing is stored or audited."""
+        result = rt.run(f"spurious add {shlex.quote(pattern)} --as alice --reason 'flaky'")
+        assert result.exit_code == 1 and what in result.output and "write" in result.output, result.output
+        assert rt.json("spurious list") == [] and rt.json("audit") == []
+
+    def test_hostile_failure_does_not_hold_serve(self, rt: Retracer, tmp_path: Path) -> None:
+        """With a catastrophic-backtracking pattern registered, serve classifies a hostile failure and finishes,
+        so the database is free for the next command."""
+        import subprocess
+        import sys
+        rt.ok("spurious add '(a+)+$' --as alice --reason 'nested quantifiers'")
+        job = rt.submit("c1")
+        rt.apply("retrace.started", job, worker="w")
+        with store.transaction(rt.factory) as session:
+            session.add(Inbox(body=json.dumps(event("retrace.failed", job, source="w", error="a" * 65535 + "!"))))
+        try:
+            done = subprocess.run([sys.executable, "-m", "retracer", "serve", "--until-idle", "--log-level", "ERROR"],
+                                  env={**os.environ, **rt.env}, capture_output=True, text=True, timeout=120,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve did not finish classifying one failure against a registered pattern")
+        assert done.returncode == 0, done.stderr
+        assert rt.json(f"show {job}")["state"] == "ON_HOLD"
+
+    def test_list_shows_unusable_stored_pattern(self, rt: Retracer) -> None:
+        """A pattern stored before such patterns were refused is listed as unusable, with why, and can be removed."""
+        from retracer.store.models import SpuriousPattern
+        with store.transaction(rt.factory) as session:
+            session.add(SpuriousPattern(pattern=r"(\w+) \1", reason="old", added_by="admin:alice"))
+        rt.ok("spurious add 'mirror .* 404' --as alice --reason 'syncing'")
+        listed = rt.json("spurious list")
+        assert [(p["pattern"], p["usable"]) for p in listed] == [(r"(\w+) \1", False), ("mirror .* 404", True)]
+        assert "backreferences" in listed[0]["problem"] and listed[1]["problem"] is None
+        out = rt.ok("spurious list")
+        assert "#1 is unusable and skipped when failures are classified" in out
+        assert "`retracer spurious remove 1`" in out and "#2 is unusable" not in out
+        rt.ok("spurious remove 1 --as alice --reason 'unusable'")
+        assert [p["pattern"] for p in rt.json("spurious list")] == ["mirror .* 404"]
+
+
+class TestHostileNumbersAndNames:
+    """Integers beyond any row id or limit, and upload names longer than a file name can be, are explained
+    (usage error, exit 2; or a refused upload, exit 1), never a traceback from the database or the OS."""
+
+    @pytest.mark.parametrize("line", ["show -- {n}", "jobs --limit={n}", "rejected replay -- {n}",
+                                      "work take --limit={n}"])
+    @pytest.mark.parametrize("n", [0, -1, 2**31, 2**63, 10**20, 10**400],
+                             ids=["0", "-1", "2^31", "2^63", "1e20", "1e400"])
+    def test_out_of_range(self, rt: Retracer, line: str, n: int) -> None:
+        """A job id, rejected-event id or limit outside 1..2147483647 is a usage error naming the range."""
+        result = rt.run(line.format(n=n))
+        assert result.exit_code == 2, result.output
+        assert "is not in the range 1<=x<=2147483647" in result.output
+        assert isinstance(result.exception, SystemExit)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(n=st.integers())
+    def test_any_job_id(self, rt: Retracer, n: int) -> None:
+        """Whatever integer is given as a job, show answers with a message (no such job, or out of range)."""
+        result = rt.run(f"show -- {n}")
+        assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output
+
+    @pytest.mark.parametrize("length", [256, 4096, 5000])
+    def test_leaf_longer_than_a_file_name(self, rt: Retracer, length: int) -> None:
+        """process-upload --leaf with a name no file system allows says there is no such upload, and why."""
+        result = rt.run(f"process-upload --leaf {'a' * length}")
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert f"the name has {length} characters, more than a file name can have" in result.output
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(leaf=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=20)
+           .map(lambda s: s * 300))
+    def test_any_leaf(self, rt: Retracer, leaf: str) -> None:
+        """Whatever (long) name is given as --leaf, process-upload refuses it with exit 1, no traceback."""
+        result = CliRunner().invoke(cli, ["process-upload", "--leaf", leaf], env=rt.env, prog_name="retracer")
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retracer import config as cfg
 from retracer.cli import cli
 from retracer.errors import ConfigError
+from retracer.workflow.policy import FailurePolicy
 
 
 @pytest.fixture(autouse=True)
@@ -189,12 +193,13 @@ BAD_ENV = [
     ({"RETRACER__MAIL__ADMINS": "root"}, "[mail] admins", "'root' is not an email address"),
     ({"RETRACER__MAIL__ADMINS": '["a@example.com", 3]'}, "[mail] admins", "3 is not an email address"),
     ({"RETRACER__MAIL__SENDER": "retracer"}, "[mail] sender", "is not an email address"),
-    ({"RETRACER__SERVICE__MAX_PARALLEL": "0"}, "[service] max_parallel", "must be at least 1"),
-    ({"RETRACER__SERVICE__BATCH_SIZE": "-5"}, "[service] batch_size", "must be at least 1"),
-    ({"RETRACER__POLICY__MAX_ATTEMPTS": "0"}, "[policy] max_attempts", "must be at least 1"),
-    ({"RETRACER__SERVICE__POLL_INTERVAL_S": "0"}, "[service] poll_interval_s", "must be positive"),
-    ({"RETRACER__SERVICE__HEARTBEAT_TIMEOUT_S": "-1"}, "[service] heartbeat_timeout_s", "must be positive"),
-    ({"RETRACER__POLICY__BACKOFF_FACTOR": "0.5"}, "[policy] backoff_factor", "must be at least 1"),
+    ({"RETRACER__SERVICE__MAX_PARALLEL": "0"}, "[service] max_parallel", "must be from 1 to 2147483647"),
+    ({"RETRACER__SERVICE__BATCH_SIZE": "-5"}, "[service] batch_size", "must be from 1 to 10000"),
+    ({"RETRACER__POLICY__MAX_ATTEMPTS": "0"}, "[policy] max_attempts", "must be from 1 to 100"),
+    ({"RETRACER__SERVICE__POLL_INTERVAL_S": "0"}, "[service] poll_interval_s", "must be from 0.01 to 300"),
+    ({"RETRACER__SERVICE__HEARTBEAT_TIMEOUT_S": "-1"}, "[service] heartbeat_timeout_s",
+     "must be from 0.01 to 604800"),
+    ({"RETRACER__POLICY__BACKOFF_FACTOR": "0.5"}, "[policy] backoff_factor", "must be from 1 to 10"),
     ({"RETRACER__DATABASE__URL": "mysql://db/retracer"}, "[database] url", "use sqlite:///PATH or postgresql"),
     ({"RETRACER__BROKER__URL": "amqp://guest@mq//"}, "[broker] url", "use pyamqp://"),
     ({"RETRACER__BROKER__QUEUE_TYPE": "stream"}, "[broker] queue_type", "use quorum or classic"),
@@ -301,7 +306,164 @@ class TestCheckConfig:
                                                                 "RETRACER__BROKER__URL": "amqp://x//"})
         assert result.exit_code == 1
         assert result.output.startswith("Error: invalid configuration:\n")
-        assert "[service] max_parallel = 0 (from env RETRACER__SERVICE__MAX_PARALLEL): must be at least 1" in (
-            result.output)
+        assert ("[service] max_parallel = 0 (from env RETRACER__SERVICE__MAX_PARALLEL): must be from 1 to "
+                "2147483647 (jobs at once); write e.g. 4") in result.output
         assert "[broker] url = 'amqp://x//'" in result.output
         assert "Traceback" not in result.output
+
+
+#: Every numeric key of the shipped defaults, as "section.key".
+NUMERIC = [f"{s}.{k}" for s, v in cfg.defaults().items() for k, d in v.items()
+           if isinstance(d, int | float) and not isinstance(d, bool)]
+
+
+def _env_name(key: str) -> str:
+    return "RETRACER__" + key.replace(".", "__").upper()
+
+
+def _spelled(key: str, value: float) -> str:
+    """``value`` written as the key's type takes it (an integer key gets an integer)."""
+    section, name = key.split(".")
+    return str(int(value)) if isinstance(cfg.defaults()[section][name], int) else repr(float(value))
+
+
+class TestRanges:
+    def test_every_number_has_a_documented_range(self) -> None:
+        """Each numeric key has a range holding its default, and the shipped TOML states it on the key's line."""
+        text = (Path(__file__).parents[2] / "config" / "retracer.toml").read_text(encoding="utf-8")
+        assert sorted(cfg.RANGES) == sorted(NUMERIC)
+        for key in NUMERIC:
+            section, name = key.split(".")
+            low, high, _ = cfg.RANGES[key]
+            assert low <= cfg.defaults()[section][name] <= high, key
+            (line,) = [line for line in text.splitlines() if line.startswith(f"{name} = ")]
+            assert f"# {cfg._number(low)} to {cfg._number(high)}" in line, (key, line)
+
+    @pytest.mark.parametrize("key", NUMERIC)
+    def test_out_of_range_is_explained(self, key: str) -> None:
+        """A value just outside the range, and a hostile one (1e300, 2**64, negative), is refused naming the
+        key, where it came from, the range and what to write; the bounds themselves are accepted."""
+        low, high, _ = cfg.RANGES[key]
+        section, name = key.split(".")
+        default = cfg.defaults()[section][name]
+        step = 1 if isinstance(default, int) else 0.001
+        for value in (low - step, high + step, 2**64, -(2**64), 1e300):
+            message = error_of(**{_env_name(key): _spelled(key, value)})
+            assert f"[{section}] {name} = " in message and f"(from env {_env_name(key)})" in message, message
+            assert f"must be from {cfg._number(low)} to {cfg._number(high)}" in message, message
+            assert f"write e.g. {default}" in message, message
+        for value in (low, high):
+            assert cfg.load(environ={_env_name(key): _spelled(key, value)})[section][name] == value
+
+    @pytest.mark.parametrize("key", NUMERIC)
+    def test_out_of_range_in_a_file_names_the_file(self, tmp_path: Path, key: str) -> None:
+        """The same value in a file names the file."""
+        section, name = key.split(".")
+        path = write(tmp_path, f"[{section}]\n{name} = {_spelled(key, cfg.RANGES[key][1] * 2 + 1)}\n")
+        assert f"[{section}] {name} = " in error_of(path) and f"(from {path})" in error_of(path)
+
+    @settings(max_examples=300)
+    @given(key=st.sampled_from(NUMERIC), value=st.one_of(st.integers(), st.floats(allow_nan=False)))
+    def test_any_number_loads_or_is_explained(self, key: str, value: float) -> None:
+        """Any number at all, for any key, either loads inside the range or is a ConfigError naming the key:
+        never another exception."""
+        section, name = key.split(".")
+        low, high, _ = cfg.RANGES[key]
+        spelled = str(value) if isinstance(value, int) or not isinstance(cfg.defaults()[section][name], int) else (
+            repr(value))
+        inside = low <= value <= high and (isinstance(value, int) or isinstance(cfg.defaults()[section][name], float))
+        if inside:
+            assert cfg.load(environ={_env_name(key): spelled})[section][name] == value
+        else:
+            assert _env_name(key) in error_of(**{_env_name(key): spelled})
+
+    def test_extremes_are_usable(self) -> None:
+        """At the edges of every range, what serve computes from the values stays representable: every
+        retry's backoff and every timeout added to now."""
+        env = {_env_name(k): _spelled(k, cfg.RANGES[k][1]) for k in NUMERIC}
+        config = cfg.load(environ=env)
+        policy = FailurePolicy.from_config(config["policy"])
+        now = datetime.now(UTC)
+        for attempt in range(1, config["policy"]["max_attempts"] + 1):
+            assert now + policy.backoff(attempt) <= now + timedelta(days=7)
+        for key in NUMERIC:
+            if key.endswith("_s"):
+                section, name = key.split(".")
+                assert now + timedelta(seconds=config[section][name]) > now
+
+
+class TestHostileInput:
+    def test_endless_file(self) -> None:
+        """--config /dev/zero is refused after reading a bounded amount, saying it cannot be a config file."""
+        message = error_of(Path("/dev/zero"))
+        assert message.startswith("config file /dev/zero is larger than 1 MiB"), message
+
+    def test_huge_file(self, tmp_path: Path) -> None:
+        """A file over 1 MiB is refused unread, naming it."""
+        path = write(tmp_path, "# " + "x" * (1024 * 1024) + "\n")
+        assert error_of(path).startswith(f"config file {path} is larger than 1 MiB")
+
+    @pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a=" * 3000 + "1" + "}" * 3000],
+                             ids=["arrays", "tables"])
+    def test_deep_file(self, tmp_path: Path, value: str) -> None:
+        """A file nesting thousands deep is a ConfigError, not a RecursionError."""
+        path = write(tmp_path, f"[mail]\nadmins = {value}\n")
+        assert "nests arrays or tables too deeply" in error_of(path)
+
+    def test_file_integer_beyond_any_limit(self, tmp_path: Path) -> None:
+        """An integer of 5000 digits in a file is a ConfigError naming the file."""
+        path = write(tmp_path, f"[service]\nmax_parallel = {'9' * 5000}\n")
+        message = error_of(path)
+        assert message.startswith(f"config file {path} holds a value that cannot be read") and len(message) < 400
+
+    def test_environment_integer_beyond_any_limit(self) -> None:
+        """An integer of 5000 digits in the environment is out of range, said with the range, briefly."""
+        message = error_of(RETRACER__SERVICE__MAX_PARALLEL="9" * 5000)
+        assert "is far out of range: it must be from 1 to 2147483647" in message and len(message) < 400
+
+    @settings(max_examples=50)
+    @given(depth=st.integers(min_value=2, max_value=20_000))
+    def test_nested_environment_list(self, depth: int) -> None:
+        """A list setting nested any depth is refused as not flat (or too deep to read), never RecursionError."""
+        message = error_of(RETRACER__MAIL__ADMINS="[" * depth + "]" * depth)
+        assert "RETRACER__MAIL__ADMINS" in message or "[mail] admins" in message
+        assert "nested too deeply" in message or "must be a flat list of strings" in message
+        assert len(message) < 400
+
+    def test_nested_list_in_a_file(self, tmp_path: Path) -> None:
+        """A file's list of lists is refused as not flat, the value shown cut short."""
+        path = write(tmp_path, "[mail]\nadmins = " + "[" * 200 + "]" * 200 + "\n")
+        message = error_of(path)
+        assert "[mail] admins = [[[[...]]]]" in message and "must be a flat list of strings" in message
+
+    @pytest.mark.parametrize("url", ["smtp://[abc", "smtp://host:99999999"])
+    def test_unparseable_mail_url(self, url: str) -> None:
+        """A mail URL urllib cannot parse is explained, not a traceback."""
+        assert "use smtp://HOST:PORT" in error_of(RETRACER__MAIL__URL=url)
+
+    @settings(max_examples=200)
+    @given(password=st.text(min_size=1), user=st.from_regex(r"\A[a-z][a-z0-9]{0,8}\Z"),
+           host=st.from_regex(r"\A[a-z][a-z0-9.]{0,12}\Z"))
+    def test_url_password_never_shown(self, password: str, user: str, host: str) -> None:
+        """Whatever a password in a URL holds (@, :, /, ?), check-config shows the URL with all of it
+        replaced by the mask and every other part intact."""
+        config = cfg.load(environ={"RETRACER__BROKER__URL": f"pyamqp://{user}:{password}@{host}:5672//",
+                                   "RETRACER__DATABASE__URL": f"postgresql+psycopg://{user}:{password}@{host}/db"})
+        shown = config.describe()
+        assert shown["broker"]["url"] == shown["derived"]["bus"] == f"pyamqp://{user}:********@{host}:5672//"
+        assert shown["database"]["url"] == shown["derived"]["database"] == (
+            f"postgresql+psycopg://{user}:********@{host}/db")
+
+    def test_password_with_at_sign(self) -> None:
+        """The issue's case: no part of a password holding @ is printed by check-config."""
+        result = CliRunner().invoke(cli, ["check-config"], env={
+            "RETRACER__BROKER__URL": "pyamqp://bob:hunter@2@mq:5672//",
+            "RETRACER__MAIL__URL": "smtp://mailer:let@me@in@mail.example.com:25"})
+        assert result.exit_code == 0, result.output
+        assert "hunter" not in result.output and "2@mq" not in result.output and "me@in" not in result.output
+        assert "url = 'pyamqp://bob:********@mq:5672//'" in result.output
+
+    def test_password_in_the_query(self) -> None:
+        """A password given as a query parameter is masked too."""
+        config = cfg.load(environ={"RETRACER__DATABASE__URL": "postgresql+psycopg://db/x?user=rt&password=pw123"})
+        assert config.describe()["derived"]["database"] == "postgresql+psycopg://db/x?user=rt&password=********"

@@ -67,3 +67,12 @@ class TestUploadKept:
         text = plain(notice, config)
         assert "is not in the spool" in text and f"retry {job}" in text
         assert f"rescue {job}" not in text and "never-uploaded" in text
+
+
+class TestBackoff:
+    def test_a_mail_failing_for_ever_waits_the_cap(self) -> None:
+        """However many times a mail has failed, its wait is the configured cap, never an overflow."""
+        from retracer.mail.sender import backoff
+
+        config = cfg.load(environ={"RETRACER__MAIL__BACKOFF_S": "5", "RETRACER__MAIL__MAX_BACKOFF_S": "600"})
+        assert [backoff(config, n).total_seconds() for n in (1, 2, 8, 1025, 10**6)] == [5, 10, 600, 600, 600]

@@ -318,6 +318,7 @@ def reserve_ids(session: Session, table: str, count: int) -> list[int]:
 
 def current_policy(session: Session, config: Config) -> FailurePolicy:
     """The failure policy of ``config``'s [policy] section, with the admins' spurious-failure patterns after the
-    built-in ones."""
+    built-in ones. A stored pattern the matcher cannot use (one added before such patterns were refused) is
+    skipped by the policy, logged once, and shown by `retracer spurious list`: it never fails a batch."""
     extra = session.scalars(select(SpuriousPattern.pattern).order_by(SpuriousPattern.id)).all()
     return FailurePolicy.from_config(config["policy"], extra)

@@ -15,7 +15,16 @@ import click
 from retracer.apply.applier import Applier, Outcome
 from retracer.apply.runner import Runner
 from retracer.cli import cli
-from retracer.cli.context import AppContext, actor_name, actor_option, dry_run_option, emit_json, json_option, pass_app
+from retracer.cli.context import (
+    ROW_ID,
+    AppContext,
+    actor_name,
+    actor_option,
+    dry_run_option,
+    emit_json,
+    json_option,
+    pass_app,
+)
 from retracer.store.models import Job
 from retracer.uploads.intake import Admin, process_incoming
 from retracer.uploads.rescue import rescue as rescue_upload
@@ -62,7 +71,7 @@ def report(job_id: int, change: Change, by: str, dry_run: bool, as_json: bool, e
 
 def _admin_command(trigger: str, help_text: str, needs_reason: bool = False) -> None:
     @cli.command(trigger, help=help_text)
-    @click.argument("job_id", type=int, metavar="JOB")
+    @click.argument("job_id", type=ROW_ID, metavar="JOB")
     @click.option("--reason", required=needs_reason, help="Why (kept in the job's history).")
     @actor_option
     @dry_run_option
@@ -95,7 +104,7 @@ _register_admin_commands()
 
 # ignore_unknown_options: a negative PRIORITY ("-5") is not an option the parser does not know.
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("job_id", type=int, metavar="JOB")
+@click.argument("job_id", type=ROW_ID, metavar="JOB")
 @click.argument("priority", type=click.IntRange(-1000, 1000))
 @reason_option
 @actor_option
@@ -112,7 +121,7 @@ def priority(app: AppContext, job_id: int, priority: int, reason: str | None, ac
 
 
 @cli.command()
-@click.argument("job_id", type=int, metavar="JOB")
+@click.argument("job_id", type=ROW_ID, metavar="JOB")
 @reason_option
 @actor_option
 @no_mail_option

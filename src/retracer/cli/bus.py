@@ -17,6 +17,8 @@ from retracer.bus import embedded
 from retracer.bus.connect import open_bus
 from retracer.cli import cli
 from retracer.cli.context import (
+    ROW_ID,
+    ROW_LIMIT,
     AppContext,
     actor_name,
     actor_option,
@@ -24,6 +26,7 @@ from retracer.cli.context import (
     emit_json,
     json_option,
     pass_app,
+    printable,
     reason_option,
     table,
     when,
@@ -148,7 +151,7 @@ def rejected(ctx: click.Context, show_all: bool, as_json: bool) -> None:
 
 
 @rejected.command("replay")
-@click.argument("rejected_id", type=int, metavar="ID")
+@click.argument("rejected_id", type=ROW_ID, metavar="ID")
 @actor_option
 @click.option("--reason", default=None, help="Why it is replayed (kept in the audit log).")
 @dry_run_option
@@ -181,10 +184,12 @@ def rejected_replay(app: AppContext, rejected_id: int, actor: str | None, reason
     if as_json:
         emit_json({**outcome.to_dict(), "by": who, "dry_run": dry_run})
     elif outcome.status == "rejected":
-        click.echo(f"event {outcome.event_id} {'would be' if dry_run else 'was'} rejected again: {outcome.reason}")
+        # The event's id and the reason quote what a publisher sent: escaped like the table's cells.
+        click.echo(printable(f"event {outcome.event_id} {'would be' if dry_run else 'was'} rejected again: "
+                             f"{outcome.reason}"))
     else:
-        click.echo(f"event {outcome.event_id} {'would be ' if dry_run else ''}{outcome.status}: job {outcome.job_id} "
-                   f"{outcome.source or '-'} -> {outcome.dest}")
+        click.echo(printable(f"event {outcome.event_id} {'would be ' if dry_run else ''}{outcome.status}: job "
+                             f"{outcome.job_id} {outcome.source or '-'} -> {outcome.dest}"))
     if dry_run and not as_json:
         click.echo("dry run: nothing changed")
     if outcome.status == "rejected":
@@ -197,7 +202,7 @@ def work() -> None:
 
 
 @work.command("take")
-@click.option("--limit", type=int, default=1, show_default=True)
+@click.option("--limit", type=ROW_LIMIT, default=1, show_default=True)
 @reason_option
 @actor_option
 @dry_run_option

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -87,6 +88,13 @@ actor_option = click.option("--as", "actor", default=None, metavar="NAME",
 reason_option = click.option("--reason", default=None, help="Why (kept with the record of what was done).")
 
 
+#: The largest id a row can have (ids are 32-bit INTEGER columns on PostgreSQL) and the largest --limit a
+#: query is given: a bigger number on the command line is a usage error, never a driver's overflow.
+MAX_ID = 2**31 - 1
+ROW_ID = click.IntRange(1, MAX_ID)
+ROW_LIMIT = click.IntRange(1, MAX_ID)
+
+
 def actor_name(given: str | None) -> str:
     return f"admin:{given or getpass.getuser()}"
 
@@ -116,8 +124,24 @@ def elapsed(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+#: What a terminal would act on instead of showing: C0 controls (ESC starts a sequence that can move the
+#: cursor, retitle the window or rewrite what was printed), DEL, and C1 controls (0x9b is a one-byte CSI).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: The same, keeping newline and tab, for a field printed over several lines.
+_CONTROL_IN_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(value: object, lines: bool = False) -> str:
+    """``value`` as text safe to print on a terminal: every control character written as a visible escape
+    (``\\x1b``, ``\\r``, ``\\x9b``); with ``lines``, newlines and tabs are kept (a multi-line field)."""
+    pattern = _CONTROL_IN_LINES if lines else _CONTROL
+    return pattern.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), str(value))
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain left-aligned table; long cells are kept whole (this is for terminals and doctests)."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    """A plain left-aligned table; long cells are kept whole (this is for terminals and doctests), control
+    characters in them escaped (a cell is one line)."""
+    cells = [[printable(h) for h in headers]] + [["-" if c is None else printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)

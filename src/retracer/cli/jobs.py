@@ -14,6 +14,8 @@ from retracer import reports
 from retracer.apply.applier import Applier
 from retracer.cli import cli
 from retracer.cli.context import (
+    ROW_ID,
+    ROW_LIMIT,
     AppContext,
     actor_name,
     actor_option,
@@ -22,6 +24,7 @@ from retracer.cli.context import (
     emit_json,
     json_option,
     pass_app,
+    printable,
     reason_option,
     table,
     when,
@@ -101,7 +104,7 @@ def _refuse_duplicate(session: Session, crash_id: str) -> None:
 
 @cli.command("jobs")
 @click.option("--state", type=click.Choice(STATES), default=None, help="Only jobs in this state.")
-@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--limit", type=ROW_LIMIT, default=100, show_default=True)
 @json_option
 @pass_app
 def jobs_cmd(app: AppContext, state: str | None, limit: int, as_json: bool) -> None:
@@ -120,7 +123,7 @@ def jobs_cmd(app: AppContext, state: str | None, limit: int, as_json: bool) -> N
 
 
 @cli.command()
-@click.argument("job_id", type=int, metavar="JOB")
+@click.argument("job_id", type=ROW_ID, metavar="JOB")
 @json_option
 @pass_app
 def show(app: AppContext, job_id: int, as_json: bool) -> None:
@@ -132,8 +135,8 @@ def show(app: AppContext, job_id: int, as_json: bool) -> None:
         return
     spec = load_spec()
     title = spec.states[data["state"]].title
-    click.echo(f"Job {job_id}: {data['package']} {data['version']} ({data['architecture']}, "
-               f"{data['release']}), crash {data['crash_id']}")
+    click.echo(printable(f"Job {job_id}: {data['package']} {data['version']} ({data['architecture']}, "
+                         f"{data['release']}), crash {data['crash_id']}"))
     click.echo(f"  State:    {data['state']} ({title})")
     for label, key in [("Creator", "creator"), ("Core", "core"), ("Executable", "executable"),
                        ("Priority", "priority"), ("Attempts", "attempts"), ("Worker", "worker"),
@@ -145,12 +148,16 @@ def show(app: AppContext, job_id: int, as_json: bool) -> None:
         if key == "not_before" and data["state"] != spec.roles.queue:
             continue  # a retry time means nothing once the job has left the queue
         if value not in (None, "", []):
-            click.echo(f"  {label + ':':<11} {when(value) if key == 'not_before' else value}")
+            shown = when(value) if key == "not_before" else str(value)
+            # A worker's error is several lines: they stay lines, under the first; any other field is one.
+            shown = printable(shown, lines=True).replace("\n", "\n" + " " * 14) if key == "last_error" else (
+                printable(shown))
+            click.echo(f"  {label + ':':<11} {shown}")
     if data["build_ids"]:
-        click.echo(f"  Build-ids:  {', '.join(data['build_ids'])}")
+        click.echo(f"  Build-ids:  {printable(', '.join(data['build_ids']))}")
     if data["upload_log"]:
         click.echo("  Upload log:")
-        for line in data["upload_log"].rstrip().splitlines():
+        for line in printable(data["upload_log"].rstrip(), lines=True).splitlines():
             click.echo(f"    {line}")
     click.echo("History:")
     click.echo(table(["AT", "EVENT", "FROM", "TO", "TRIGGER", "BY", "REASON"],

@@ -10,6 +10,8 @@ from sqlalchemy import and_, or_, select
 
 from retracer.cli import cli
 from retracer.cli.context import (
+    ROW_ID,
+    ROW_LIMIT,
     AppContext,
     actor_name,
     actor_option,
@@ -46,7 +48,7 @@ def _summary(report: DeliveryReport) -> str:
 
 
 @mail_group.command("flush", short_help="Deliver the mails that are due now (for cron).")
-@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True,
+@click.option("--limit", type=ROW_LIMIT, default=500, show_default=True,
               help="Deliver at most this many mails in this run.")
 @reason_option
 @actor_option
@@ -112,8 +114,8 @@ def mail_dict(mail: Mail) -> dict[str, Any]:
 
 @mail_group.command("list", short_help="Pending, sent and failing mails, with their last error.")
 @click.option("--status", type=click.Choice(STATUSES), default=None, help="Only mails with this status.")
-@click.option("--job", "job_id", type=int, default=None, help="Only mails about this job.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--job", "job_id", type=ROW_ID, default=None, help="Only mails about this job.")
+@click.option("--limit", type=ROW_LIMIT, default=100, show_default=True,
               help="Show the most recent this many.")
 @json_option
 @pass_app

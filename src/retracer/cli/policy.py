@@ -21,7 +21,7 @@ from retracer.cli.context import (
 )
 from retracer.errors import RetracerError
 from retracer.store.models import Audit, SpuriousPattern
-from retracer.workflow.policy import check_pattern
+from retracer.workflow.policy import check_pattern, pattern_problem
 
 
 @cli.group()
@@ -63,14 +63,21 @@ def spurious_list(app: AppContext, as_json: bool) -> None:
     """The registered patterns (the built-in ones are in the config: [policy] transient_patterns)."""
     with app.transaction() as session:
         rows = list(session.scalars(select(SpuriousPattern).order_by(SpuriousPattern.id)))
+    # A pattern stored before the matcher refused its kind (backreferences, lookaround) is skipped by serve:
+    # say so here, where an admin looks, with why.
+    problems = {r.id: pattern_problem(r.pattern) for r in rows}
     if as_json:
-        emit_json([{"id": r.id, "pattern": r.pattern, "reason": r.reason, "by": r.added_by, "at": r.added_at}
-                   for r in rows])
+        emit_json([{"id": r.id, "pattern": r.pattern, "reason": r.reason, "by": r.added_by, "at": r.added_at,
+                    "usable": problems[r.id] is None, "problem": problems[r.id]} for r in rows])
     elif not rows:
         click.echo("no spurious-failure patterns registered")
     else:
         click.echo(table(["ID", "PATTERN", "REASON", "BY", "AT"],
                          [[r.id, r.pattern, r.reason, r.added_by, when(r.added_at)] for r in rows]))
+        for pattern_id, problem in problems.items():
+            if problem is not None:
+                click.echo(f"#{pattern_id} is unusable and skipped when failures are classified: {problem}; "
+                           f"remove it with `retracer spurious remove {pattern_id}` and add what it should be")
 
 
 @spurious.command("remove")

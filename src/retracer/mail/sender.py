@@ -92,7 +92,8 @@ class _Due:
 def backoff(config: Config, attempts: int) -> timedelta:
     """How long a mail that has failed ``attempts`` times waits: backoff_s doubling, capped."""
     m = config["mail"]
-    seconds = min(float(m["backoff_s"]) * 2 ** max(0, attempts - 1), float(m["max_backoff_s"]))
+    # The exponent is capped: 2**1024 overflows a float, and any cap past max_backoff_s waits the same.
+    seconds = min(float(m["backoff_s"]) * 2.0 ** min(max(0, attempts - 1), 64), float(m["max_backoff_s"]))
     return timedelta(seconds=max(0.0, seconds))
 
 

@@ -25,15 +25,10 @@ from urllib.parse import urlparse
 
 import aiosmtplib
 
-from retracer.config import Config
+from retracer.config import Config, mask
 from retracer.errors import MailError
 
 log = logging.getLogger("retracer.mail")
-
-
-def _mask(url: str) -> str:
-    """The url as it may be printed: a password written into it is hidden."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1********@", url)
 
 
 @dataclass(frozen=True)
@@ -104,7 +99,7 @@ class SmtpTransport:
                  timeout: float = 30, pool_size: int = 4, reuse: bool = True) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("smtp", "smtps") or not parsed.hostname:
-            raise MailError(f"[mail] url = {_mask(url)!r}: use smtp://HOST:PORT or smtps://HOST:PORT")
+            raise MailError(f"[mail] url = {mask(url)!r}: use smtp://HOST:PORT or smtps://HOST:PORT")
         self.use_tls = parsed.scheme == "smtps"
         if self.use_tls and starttls:
             raise MailError("[mail] starttls = true with an smtps:// url: smtps is TLS from the first byte; "
@@ -121,7 +116,7 @@ class SmtpTransport:
         self.timeout = timeout
         self.pool_size = max(1, pool_size)
         self.reuse = reuse
-        self.description = _mask(url)
+        self.description = mask(url)
         self._idle: list[aiosmtplib.SMTP] = []
         self._down: str | None = None
 

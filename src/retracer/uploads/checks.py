@@ -5,6 +5,7 @@ to a directory descriptor with O_NOFOLLOW, and sizes are checked with lstat befo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -74,8 +75,17 @@ def lstat_entry(source_fd: int, leaf: str, where: Path, inspection: Inspection) 
         return os.lstat(leaf, dir_fd=source_fd)
     except FileNotFoundError:
         inspection.missing = True
-        inspection.problems.append(f"there is no upload {leaf!r} in {where}: check the name (uploads waiting "
-                                   f"there are listed by `ls {where}`)")
+        inspection.problems.append(f"there is no upload {leaf[:80]!r} in {where}: check the name (uploads "
+                                   f"waiting there are listed by `ls {where}`)")
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        # An admin's --leaf can be longer than the file system allows a name to be: no such upload can exist.
+        inspection.missing = True
+        inspection.problems.append(f"there is no upload {leaf[:80]!r}... in {where}: the name has {len(leaf)} "
+                                   f"characters, more than a file name can have; check the name (uploads "
+                                   f"waiting there are listed by `ls {where}`)")
         return None
 
 
