@@ -93,7 +93,8 @@ class TestCatastrophicPatterns:
     def test_accepted_catastrophic_pattern_still_matches(self) -> None:
         """Bounded is not blind: an accepted nested-quantifier pattern still finds its match, case-insensitively."""
         assert policy(r"(x+x+)+y").classify("xxxxxxxxxxY").transient
-        assert not policy(r"(x+x+)+y").classify("x" * 5000).transient
+        # Short enough for any matcher: the long texts are classified in the child process above.
+        assert not policy(r"(x+x+)+y").classify("xxxxxxxxxxz").transient
 
     def test_huge_compiled_pattern_is_refused(self) -> None:
         """A short pattern that compiles to a huge program (large counted repetitions) is refused, saying what
