@@ -153,6 +153,7 @@ def _send_raw(inst: Instance, body: bytes, routing_key: str) -> None:
                                 content_type="application/json", content_encoding="binary")
 
 
+@pytest.mark.slow
 class TestDispatch:
     def test_priority_order_and_max_parallel(self, instance: Instance) -> None:
         """Offers go out in priority order, sticky manual priority first, never more than max_parallel."""
@@ -229,6 +230,7 @@ class TestSeveralServers:
         assert sorted(offered) == list(range(1, 21))
 
 
+@pytest.mark.slow
 class TestEmbeddedProcesses:
     def test_kill_9_loses_nothing(self, embedded: Instance) -> None:
         """serve killed with SIGKILL mid-stream and restarted: every event applied exactly once."""

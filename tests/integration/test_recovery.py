@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from retracer.testing.factories import crash_data, event
 from retracer.testing.instance import Instance
 from retracer.uploads import spool
+
+# Each test drives `retracer serve` and the spool as real processes for seconds: the full suite runs them.
+pytestmark = pytest.mark.slow
 
 GOOD = "#0  0x0000555555555149 in main () at crash.c:4\n#1  0x00007ffff7df0d90 in __libc_start_call_main ()\n"
 USELESS = "#0  0x0000555555555149 in ?? ()\n#1  0x00007ffff7df0d90 in ?? ()\n"
