@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, update
@@ -26,42 +26,7 @@ from retracer.service.chores.dispatch import dispatch
 from retracer.store.models import History, Inbox, Job, Mail
 from retracer.testing.factories import event
 from retracer.workflow import load, mermaid
-
-SUBMIT = ("submit --crash-id {crash} --creator mark@example.com --package cdrkit --version 1.0 "
-          "--architecture i386 --release breezy --core /srv/crashes/{crash}/core --executable /usr/bin/cdrecord")
-
-
-class Retracer:
-    """One embedded instance: runs command lines through CliRunner and drives jobs through the apply path."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.config = cfg.load(environ=env)
-        self.engine = store.make_engine(self.config.database_url)
-        self.factory = store.session_factory(self.engine)
-
-    def run(self, line: str) -> Result:
-        return CliRunner().invoke(cli, shlex.split(line), env=self.env, prog_name="retracer")
-
-    def ok(self, line: str) -> str:
-        result = self.run(line)
-        assert result.exit_code == 0, (line, result.output)
-        return result.output
-
-    def json(self, line: str) -> Any:
-        return json.loads(self.ok(line + " --json"))
-
-    def submit(self, crash: str, extra: str = "") -> int:
-        return int(self.ok(SUBMIT.format(crash=crash) + extra))
-
-    def apply(self, etype: str, job: int, **data: Any) -> None:
-        with store.transaction(self.factory) as session:
-            (outcome,) = Applier(self.config).apply_batch(session, [event(etype, job, source="w", **data)])
-        assert outcome.status == "applied", outcome
-
-    def fire(self, job: int, trigger: str, **kwargs: Any) -> None:
-        with store.transaction(self.factory) as session:
-            Applier(self.config).fire(session, job, trigger, by="admin:celso", **kwargs)
+from tests.unit.clirun import SUBMIT, Retracer
 
 
 @pytest.fixture(autouse=True)
@@ -70,16 +35,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("RETRACER"):
             monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def rt(tmp_path: Path, sqlite_url: str) -> Iterator[Retracer]:
-    """A migrated embedded instance."""
-    instance = Retracer({"RETRACER__SERVICE__DATA_DIR": str(tmp_path / "data"),
-                         "RETRACER__DATABASE__URL": sqlite_url,
-                         "RETRACER__MAIL__ADMINS": "celso@example.com"})
-    yield instance
-    instance.engine.dispose()
 
 
 class TestSubmit:

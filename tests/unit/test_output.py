@@ -7,23 +7,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retracer import config as cfg
 from retracer import store
-from retracer.apply.applier import Applier
 from retracer.cli import cli
 from retracer.cli.context import printable, table
 from retracer.store.models import Inbox
-from retracer.testing.factories import event
+from tests.unit.clirun import Retracer
 
 #: Every character a terminal may act on: C0, DEL, C1.
 CONTROLS = [chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]]
@@ -71,45 +65,11 @@ class TestTable:
         assert not FORBIDDEN.search(out.replace("\n", ""))
 
 
-SUBMIT = ("submit --crash-id {crash} --creator mark@example.com --package {package} --version 1.0 "
-          "--architecture i386 --release breezy --core /srv/core --executable /usr/bin/cdrecord")
-
-
-class Instance:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.config = cfg.load(environ=env)
-        self.engine = store.make_engine(self.config.database_url)
-        self.factory = store.session_factory(self.engine)
-
-    def run(self, *args: str) -> str:
-        result = CliRunner().invoke(cli, list(args), env=self.env, prog_name="retracer")
-        assert result.exit_code == 0, (args, result.output)
-        return result.output
-
-    def apply(self, etype: str, job: int, **data: Any) -> None:
-        with store.transaction(self.factory) as session:
-            (outcome,) = Applier(self.config).apply_batch(session, [event(etype, job, source="w", **data)])
-        assert outcome.status == "applied", outcome
-
-    def submit(self, crash: str, package: str = "cdrkit") -> int:
-        args = shlex.split(SUBMIT.format(crash="CRASH", package="PKG"))
-        return int(self.run(*[{"CRASH": crash, "PKG": package}.get(a, a) for a in args], "--allow-duplicate"))
-
-
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("RETRACER"):
             monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def inst(tmp_path: Path, sqlite_url: str) -> Iterator[Instance]:
-    instance = Instance({"RETRACER__SERVICE__DATA_DIR": str(tmp_path / "data"), "RETRACER__DATABASE__URL": sqlite_url,
-                         "RETRACER__MAIL__ADMINS": "celso@example.com"})
-    yield instance
-    instance.engine.dispose()
 
 
 def _clean(out: str) -> None:
@@ -118,62 +78,62 @@ def _clean(out: str) -> None:
 
 
 class TestCommands:
-    def test_error_text_in_show_status_and_jobs(self, inst: Instance) -> None:
+    def test_error_text_in_show_status_and_jobs(self, rt: Retracer) -> None:
         """A worker's error full of escape sequences is printed escaped by show (last error, hold reason,
         history) and status (recent failures, on hold); its lines stay lines in show."""
-        job = inst.submit("c1")
-        inst.apply("retrace.started", job, worker="w1")
-        inst.apply("retrace.failed", job, error=f"E: bad{HOSTILE}\nsecond\tline", transient=False)
-        shown = inst.run("show", str(job))
+        job = rt.submit("c1")
+        rt.apply("retrace.started", job, worker="w1")
+        rt.apply("retrace.failed", job, error=f"E: bad{HOSTILE}\nsecond\tline", transient=False)
+        shown = rt.args("show", str(job))
         assert not FORBIDDEN_IN_LINES.search(shown)  # the error's tab stays: it is a multi-line field
         assert "\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\x85\\x7f\\r\\x01" in shown
         assert "\n              second\tline\n" in shown  # the error's second line, under the first
-        status = inst.run("status")
+        status = rt.args("status")
         _clean(status)
         assert "\\x1b[2J" in status
-        _clean(inst.run("jobs"))
+        _clean(rt.args("jobs"))
 
-    def test_upload_log_in_show(self, inst: Instance) -> None:
+    def test_upload_log_in_show(self, rt: Retracer) -> None:
         """An upload log with escape sequences is printed line by line, escaped."""
-        job = inst.submit("c1")
-        inst.apply("retrace.started", job, worker="w1")
-        inst.apply("upload.failed", job, leaf="upload-1", upload_log=f"Rejected{HOSTILE}\nmore\x1b[1A")
-        shown = inst.run("show", str(job))
+        job = rt.submit("c1")
+        rt.apply("retrace.started", job, worker="w1")
+        rt.apply("upload.failed", job, leaf="upload-1", upload_log=f"Rejected{HOSTILE}\nmore\x1b[1A")
+        shown = rt.args("show", str(job))
         _clean(shown)
         assert "  Upload log:\n    Rejected\\x1b[2J" in shown and "\n    more\\x1b[1A\n" in shown
 
-    def test_single_line_fields(self, inst: Instance) -> None:
+    def test_single_line_fields(self, rt: Retracer) -> None:
         """A C1 control in a single-line field (a one-byte CSI the event checks let through) is escaped by
         jobs, show and status."""
-        job = inst.submit("c\x9b2J", package="cdr\x9b31mkit")
-        for out in (inst.run("jobs"), inst.run("show", str(job)), inst.run("status")):
+        job = rt.submit("c\x9b2J", package="cdr\x9b31mkit")
+        for out in (rt.args("jobs"), rt.args("show", str(job)), rt.args("status")):
             _clean(out)
             assert "cdr\\x9b31mkit" in out
 
-    def test_rejected_events(self, inst: Instance) -> None:
+    def test_rejected_events(self, rt: Retracer) -> None:
         """Events whose id or type carry escape sequences are rejected, and `rejected` prints them escaped;
         replaying one says so escaped too. --json keeps the text, escaped by JSON."""
         bodies = [{"id": "e\x1b[2J1", "type": "retrace.started", "job": 1, "occurred_at": "2024-01-01T00:00:00+00:00",
                    "source": "s", "data": {"worker": "w"}},
                   {"id": "e2", "type": "x\x1b]0;owned\x07", "job": 1, "occurred_at": "2024-01-01T00:00:00+00:00",
                    "source": "s", "data": {}}]
-        with store.transaction(inst.factory) as session:
+        with store.transaction(rt.factory) as session:
             session.add_all([Inbox(body=json.dumps(b)) for b in bodies])
-        inst.run("serve", "--until-idle", "--log-level", "ERROR")
-        out = inst.run("rejected")
+        rt.args("serve", "--until-idle", "--log-level", "ERROR")
+        out = rt.args("rejected")
         _clean(out)
         assert "e\\x1b[2J1" in out and "x\\x1b]0;owned\\x07" in out
-        assert [r["type"] for r in json.loads(inst.run("rejected", "--json"))][1] == "x\x1b]0;owned\x07"
-        replay = CliRunner().invoke(cli, ["rejected", "replay", "2"], env=inst.env, prog_name="retracer")
+        assert [r["type"] for r in json.loads(rt.args("rejected", "--json"))][1] == "x\x1b]0;owned\x07"
+        replay = CliRunner().invoke(cli, ["rejected", "replay", "2"], env=rt.env, prog_name="retracer")
         assert replay.exit_code == 1 and "rejected again" in replay.output
         _clean(replay.output)
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(error=texts.filter(lambda t: t.strip() and "\x00" not in t))
-    def test_any_error_text(self, inst: Instance, error: str) -> None:
+    def test_any_error_text(self, rt: Retracer, error: str) -> None:
         """Whatever a worker's error holds, show and status hand the terminal only newlines and tabs."""
-        job = inst.submit("c")
-        inst.apply("retrace.started", job, worker="w1")
-        inst.apply("retrace.failed", job, error=error, transient=False)
-        for out in (inst.run("show", str(job)), inst.run("status")):
+        job = rt.submit("c", " --allow-duplicate")
+        rt.apply("retrace.started", job, worker="w1")
+        rt.apply("retrace.failed", job, error=error, transient=False)
+        for out in (rt.args("show", str(job)), rt.args("status")):
             assert not FORBIDDEN_IN_LINES.search(out)
