@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from retracer import addresses
 from retracer.errors import ConfigError
 from retracer.workflow.policy import pattern_problem
 
 ENV_PREFIX = "RETRACER__"
-EMAIL = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+$")
 #: A configuration file is a few KiB; reading stops past this, so that `--config /dev/zero` (or a core dump
 #: given by mistake) is refused instead of filling memory.
 MAX_FILE_BYTES = 1024 * 1024
@@ -335,10 +335,13 @@ def _validate(  # noqa: C901  (one flat list of independent checks, so that ever
     if mail and not _smtp_url(mail):
         bad("mail", "url", "use smtp://HOST:PORT or smtps://HOST:PORT, or leave empty for the mbox file")
     for addr in raw["mail"]["admins"]:
-        if not isinstance(addr, str) or not EMAIL.match(addr):
-            bad("mail", "admins", f"{_short(addr)} is not an email address")
-    if not EMAIL.match(raw["mail"]["sender"]):
-        bad("mail", "sender", "is not an email address")
+        if (why := addresses.problem(addr)) is not None:
+            bad("mail", "admins", f"{_short(addr)} is not an email address: it {why}")
+    if (why := addresses.problem(raw["mail"]["sender"])) is not None:
+        bad("mail", "sender", f"is not an email address: it {why}")
+    for domain in raw["mail"]["creator_domains"]:
+        if not isinstance(domain, str) or addresses.problem(f"user@{domain}") is not None:
+            bad("mail", "creator_domains", f"{_short(domain)} is not a domain name (example.org)")
     # Checked as the failure policy will match them (RE2, linear time), so that a pattern serve could not
     # use, or that needs backtracking, stops the configuration instead of being skipped at every failure.
     for pattern in raw["policy"]["transient_patterns"]:

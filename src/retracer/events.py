@@ -15,13 +15,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from retracer import addresses
 from retracer.errors import InvalidEvent
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~:@-]*$")
-HEX = re.compile(r"^[0-9a-fA-F]{8,128}$")
-EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$|^[^@\s<>,;\"]+@localhost$")
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~:@-]*\Z")
+HEX = re.compile(r"^[0-9a-fA-F]{8,128}\Z")
+#: C0 controls (CR and LF split a mail header, ESC starts a terminal sequence), DEL, and C1 controls (0x9b
+#: is a one-byte CSI on many terminals).
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+#: How deep objects and lists may nest in an event. Python's JSON reader fails at a depth that depends on how
+#: deep the reading process's own stack already is, so without a fixed bound an event `publish` accepted
+#: could be refused by `serve`.
+MAX_DEPTH = 32
+
+#: Event ids and sources beginning with this are the service's own (an upload's event, the watchdog's firing):
+#: a publisher cannot claim one, so no published event can pre-empt or block what the service records.
+RESERVED = "retracer:"
 
 #: Job ids are 32-bit integers in the database (PostgreSQL INTEGER); a bigger one can name no job.
 MAX_JOB_ID = 2**31 - 1
@@ -95,6 +106,12 @@ def _long_text(max_len: int) -> Check:
     return check
 
 
+def _address(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "must be a non-empty string"
+    return addresses.problem(value)
+
+
 def _bool(value: Any) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
@@ -120,7 +137,7 @@ LEAF = _text(255, pattern=SAFE_NAME, what="a plain directory name (letters, digi
 TYPES: dict[str, tuple[bool, dict[str, Check], dict[str, Check]]] = {
     "crash.submitted": (False, {
         "crash_id": _text(200),
-        "creator": _text(320, pattern=EMAIL, what="an email address"),
+        "creator": _address,
         "package": NAME,
         "version": NAME,
         "architecture": _text(50, pattern=SAFE_NAME, what="an architecture name"),
@@ -151,8 +168,27 @@ def parse_time(value: Any) -> datetime:
         raise ValueError("is out of range (years 1 to 9999 in UTC)") from None
 
 
-def parse(body: str | bytes | dict[str, Any]) -> Event:  # noqa: C901  (every field checked in one pass, all problems named)
-    """Validate one event; raise InvalidEvent listing every problem found."""
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests objects and lists (a scalar is 0), without recursion; stops counting past
+    MAX_DEPTH + 1."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                break
+            stack.extend((child, level) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse(body: str | bytes | dict[str, Any], minted: bool = False) -> Event:  # noqa: C901  (every field checked in one pass, all problems named)
+    """Validate one event; raise InvalidEvent listing every problem found.
+
+    ``minted``: the service made this event itself, so its id and source may use the RESERVED prefix.
+    """
     if isinstance(body, bytes | bytearray):
         if len(body) > MAX_BODY_BYTES:
             raise InvalidEvent(f"event is {len(body)} bytes, at most {MAX_BODY_BYTES} allowed")
@@ -171,6 +207,8 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:  # noqa: C901  (every fi
         raw = body
     if not isinstance(raw, dict):
         raise InvalidEvent(f"event must be a JSON object, got {type(raw).__name__}")
+    if _depth(raw) > MAX_DEPTH:
+        raise InvalidEvent(f"event nests objects and lists more than {MAX_DEPTH} deep; flatten its data")
     problems: list[str] = []
     extra = sorted((set(raw) - {"id", "type", "job", "occurred_at", "source", "data"}), key=str)
     if extra:
@@ -178,6 +216,9 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:  # noqa: C901  (every fi
     event_id = raw.get("id")
     if (err := NAME(event_id)) is not None:
         problems.append(f"id {err}")
+    elif not minted and isinstance(event_id, str) and event_id.startswith(RESERVED):
+        problems.append(f"id {event_id[:60]!r} begins with {RESERVED!r}, which only the service's own events use; "
+                        f"give the event another id (a UUID, for instance)")
     etype = raw.get("type")
     spec = TYPES.get(etype) if isinstance(etype, str) else None
     if spec is None:
@@ -195,8 +236,12 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:  # noqa: C901  (every fi
         occurred = parse_time(raw.get("occurred_at"))
     except ValueError as exc:
         problems.append(f"occurred_at {exc}")
-    if (err := NAME(raw.get("source"))) is not None:
+    source = raw.get("source")
+    if (err := NAME(source)) is not None:
         problems.append(f"source {err}")
+    elif not minted and isinstance(source, str) and source.startswith(RESERVED):
+        problems.append(f"source {source[:60]!r} begins with {RESERVED!r}, which names the service itself; "
+                        f"name the publisher (a host, a worker, a tool)")
     data = raw.get("data")
     if not isinstance(data, dict):
         problems.append("data must be a JSON object")
@@ -217,11 +262,11 @@ def parse(body: str | bytes | dict[str, Any]) -> Event:  # noqa: C901  (every fi
 
 
 def make(etype: str, job: int | None, data: dict[str, Any], source: str, event_id: str | None = None,
-         occurred_at: datetime | None = None) -> Event:
-    """Build and validate an event (for publishers, admin commands and tests)."""
+         occurred_at: datetime | None = None, minted: bool = False) -> Event:
+    """Build and validate an event (for publishers, admin commands and tests; ``minted``: see parse)."""
     when = occurred_at or datetime.now(UTC)
     return parse({"id": event_id or str(uuid.uuid4()), "type": etype, "job": job,
-                  "occurred_at": when.isoformat(), "source": source, "data": data})
+                  "occurred_at": when.isoformat(), "source": source, "data": data}, minted=minted)
 
 
 def storable(text: str | None) -> str | None:

@@ -123,7 +123,8 @@ def status(session: Session, now: datetime | None = None, queue_limit: int = 20,
 def rejected_dict(r: Rejected) -> dict[str, Any]:
     """One rejected event."""
     return {"id": r.id, "event_id": r.event_id, "type": r.event_type, "job": r.job_id, "reason": r.reason,
-            "at": r.at, "replayed_at": r.replayed_at, "body": r.body}
+            "at": r.at, "replayed_at": r.replayed_at, "body": r.body, "body_bytes": r.body_bytes,
+            "body_sha256": r.body_sha256, "truncated": r.truncated}
 
 
 def rejected(session: Session, include_replayed: bool = False) -> list[dict[str, Any]]:

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, update
 
+from retracer import addresses, store
 from retracer import config as cfg
-from retracer import store
 from retracer.apply.applier import Applier
 from retracer.cli import cli
 from retracer.service.chores.dispatch import dispatch
@@ -63,7 +63,7 @@ class TestSubmit:
         """An invalid field exits 1 naming the field, and no job is created."""
         result = rt.run(SUBMIT.format(crash="c1").replace("mark@example.com", "mark") + " --build-id xyz")
         assert result.exit_code == 1
-        assert result.output.startswith("Error: cannot submit: data.creator is not an email address; "
+        assert result.output.startswith(f"Error: cannot submit: data.creator {addresses.problem('mark')}; "
                                         "data.build_ids has entries that are not hex build-ids: ['xyz']")
         assert rt.ok("jobs") == "no jobs\n"
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from retracer import addresses
 from retracer import events as ev
 from retracer.errors import InvalidEvent
 from retracer.events import MAX_BODY_BYTES, TYPES
@@ -18,7 +19,7 @@ from retracer.events import MAX_BODY_BYTES, TYPES
 # A field added to events.TYPES without an entry here fails test_every_field_is_specified.
 MIB = 1024 * 1024
 FIELDS: dict[str, tuple[str, int]] = {
-    "crash_id": ("line", 200), "creator": ("line", 320), "package": ("line", 200), "version": ("line", 200),
+    "crash_id": ("line", 200), "creator": ("address", 254), "package": ("line", 200), "version": ("line", 200),
     "architecture": ("line", 50), "release": ("line", 100), "core": ("line", 4096),
     "executable": ("line", 4096), "worker": ("line", 200), "leaf": ("line", 255),
     "error": ("text", 65536), "upload_log": ("text", MIB), "result": ("text", MIB),
@@ -32,7 +33,7 @@ VALID: dict[str, Any] = {
     "build_ids": ["0123456789abcdef"], "priority": 5, "transient": True,
 }
 # A value of the right size that also satisfies the field's pattern, for the length boundaries.
-SIZED = {"creator": lambda n: "a" * (n - len("@example.com")) + "@example.com"}
+SIZED: dict[str, Any] = {}
 
 
 def envelope(etype: str, data: Any = ..., **fields: Any) -> dict[str, Any]:
@@ -159,7 +160,8 @@ class TestDataFields:
         assert ev.parse(with_data(etype, **{name: value})).data[name] == value
 
     @pytest.mark.parametrize(("etype", "name"), LINE_FIELDS)
-    @pytest.mark.parametrize("char", ["\n", "\r", "\x00", "\x1b", "\x7f"], ids=["LF", "CR", "NUL", "ESC", "DEL"])
+    @pytest.mark.parametrize("char", ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\x9b"],
+                             ids=["LF", "CR", "NUL", "ESC", "DEL", "NEL", "CSI"])
     def test_control_characters_in_single_line_fields(self, etype: str, name: str, char: str) -> None:
         """A control character in a single-line field (it may end up in a mail header) is refused."""
         value = VALID[name][:3] + char + VALID[name][3:]
@@ -173,10 +175,11 @@ class TestDataFields:
         assert problem(with_data(etype, **{name: "a\x00b"})) == f"data.{name} must not contain NUL characters"
 
     @pytest.mark.parametrize("value", ["mark", "mark@", "@example.com", "Mark <mark@example.com>",
-                                       "a@example.com, b@example.com", "a b@example.com", "a@example"])
+                                       "a@example.com, b@example.com", "a b@example.com", "a@example..com"])
     def test_creator_must_be_an_email(self, value: str) -> None:
-        """crash.submitted's creator must be one plain email address (it becomes a mail recipient)."""
-        assert problem(with_data("crash.submitted", creator=value)) == "data.creator is not an email address"
+        """crash.submitted's creator must be one plain email address (it becomes a mail recipient); the reason
+        is the address rule's (tests/unit/test_addresses.py covers it)."""
+        assert problem(with_data("crash.submitted", creator=value)) == f"data.creator {addresses.problem(value)}"
 
     def test_creator_at_localhost(self) -> None:
         """A local address (user@localhost) is a valid creator."""

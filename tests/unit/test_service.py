@@ -24,10 +24,11 @@ def poison(service: Service, marker: str, error: Exception) -> None:
     """Make the applier raise ``error`` for any batch that contains the event whose crash id is ``marker``."""
     real = Applier.apply_batch
 
-    def apply_batch(self: Applier, session: Session, bodies: Any, unseen: bool = False, job_ids: Any = None) -> Any:
+    def apply_batch(self: Applier, session: Session, bodies: Any, unseen: bool = False, job_ids: Any = None,
+                    minted: bool = False) -> Any:
         if any(marker in (b if isinstance(b, str) else json.dumps(b)) for b in bodies):
             raise error
-        return real(self, session, bodies, unseen, job_ids)
+        return real(self, session, bodies, unseen, job_ids, minted)
 
     service.applier.apply_batch = apply_batch.__get__(service.applier)  # type: ignore[method-assign]
 

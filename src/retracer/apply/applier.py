@@ -7,6 +7,7 @@ or refused event is kept in ``rejected`` with its reason, in the same transactio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -18,13 +19,24 @@ from typing import Any, cast
 from sqlalchemy import Table, func, select, text
 from sqlalchemy.orm import Session
 
+from retracer import addresses
 from retracer import events as ev
 from retracer.config import Config
 from retracer.errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
 from retracer.logs import LINES
 from retracer.mail.rows import mail_rows
 from retracer.store import bulk
-from retracer.store.models import History, Job, JobRecord, Mail, ProcessedEvent, Rejected, SpuriousPattern, utcnow
+from retracer.store.models import (
+    MAX_REJECTED_BODY,
+    History,
+    Job,
+    JobRecord,
+    Mail,
+    ProcessedEvent,
+    Rejected,
+    SpuriousPattern,
+    utcnow,
+)
 from retracer.workflow import Change, FailurePolicy, TriggerContext, Workflow, load
 from retracer.workflow.effects import EFFECTS
 
@@ -71,6 +83,7 @@ class Applier:
         self.config = config
         self.workflow = workflow or load()
         self.admins: list[str] = list(config["mail"]["admins"])
+        self.creator_domains: list[str] = list(config["mail"]["creator_domains"])
 
     def policy(self, session: Session) -> FailurePolicy:
         """The failure policy now: the configuration's, with the admins' patterns read from the database."""
@@ -79,13 +92,18 @@ class Applier:
     # -- events -------------------------------------------------------------------------------------
 
     def apply_batch(self, session: Session, bodies: Sequence[str | bytes | dict[str, Any]],
-                    unseen: bool = False, job_ids: Sequence[int | None] | None = None) -> list[Outcome]:
+                    unseen: bool = False, job_ids: Sequence[int | None] | None = None,
+                    minted: bool = False) -> list[Outcome]:
         """Apply events in order inside the caller's transaction; one outcome per body.
 
         ``unseen``: skip the lookup of processed markers; an event applied before then fails the marker
         insert (its primary key), and the caller applies the batch again without ``unseen``.
         ``job_ids``: per body, the id a crash.submitted among them gets, drawn by the caller (parallel.py
         routes a new job's later events by it); without it the ids are drawn here.
+        ``minted``: the service made these events itself (events.RESERVED ids are theirs to use).
+
+        An event whose id was applied or rejected before is a duplicate if it says the same (a redelivery, a
+        publisher's retry); if it says something else, the id was reused and the event is rejected for it.
 
         The batch costs a handful of statements whatever its size: one SELECT for the processed markers
         (none when ``unseen``), one SELECT ... FOR UPDATE for the jobs it names (as plain rows, outside the
@@ -95,13 +113,15 @@ class Applier:
         parsed: list[ev.Event | InvalidEvent] = []
         for body in bodies:
             try:
-                parsed.append(ev.parse(body))
+                parsed.append(ev.parse(body, minted=minted))
             except InvalidEvent as exc:
                 parsed.append(exc)
         valid = [p for p in parsed if isinstance(p, ev.Event)]
         dialect = session.get_bind().dialect
-        seen = set(session.scalars(select(ProcessedEvent.event_id).where(
-            bulk.among(dialect, ProcessedEvent.event_id, [e.id for e in valid])))) if valid and not unseen else set()
+        seen: dict[str, str | None] = dict(session.execute(
+            select(ProcessedEvent.event_id, ProcessedEvent.digest).where(
+                bulk.among(dialect, ProcessedEvent.event_id, [e.id for e in valid]))).all()
+        ) if valid and not unseen else {}
         wanted = {e.job for e in valid if e.job is not None}
         # Locked in id order: the batch owns its jobs until commit, and two writers cannot deadlock on them.
         jobs = {row.id: _job_from_row(row) for row in session.connection().execute(
@@ -115,12 +135,19 @@ class Applier:
         with session.no_autoflush:
             for body, item in zip(bodies, parsed, strict=True):
                 if isinstance(item, InvalidEvent):
-                    outcomes.append(self.reject(session, body, None, str(item), logged=False))
-                elif item.id in seen:
+                    outcomes.append(self.reject(session, body, None, str(item), logged=False, minted=minted))
+                    continue
+                said = digest(item)
+                if item.id not in seen:
+                    seen[item.id] = said
+                    outcomes.append(self._apply(session, item, body, batch, len(outcomes), said, minted))
+                elif seen[item.id] in (None, said):
                     outcomes.append(Outcome("duplicate", item.id, item.type, item.job))
                 else:
-                    seen.add(item.id)
-                    outcomes.append(self._apply(session, item, body, batch, len(outcomes)))
+                    outcomes.append(self.reject(
+                        session, body, item, f"event id {item.id!r} was already used for an event with other "
+                        f"content; this one was not applied: publish it under a new id", logged=False, mark=False,
+                        minted=minted))
         self._finish(session, batch)
         # Logged once the batch's writes went through: a first try that fails (a duplicate's marker) and is
         # applied again must not report its rejections twice.
@@ -133,10 +160,16 @@ class Applier:
                  "from": o.source, "to": o.dest} for o in (outcomes[i] for i in batch.created_or_applied)]})
         return outcomes
 
-    def _apply(self, session: Session, event: ev.Event, body: Any, batch: _Batch, index: int) -> Outcome:
+    def _apply(self, session: Session, event: ev.Event, body: Any, batch: _Batch, index: int,
+               said: str, minted: bool) -> Outcome:
         ctx = TriggerContext(data=dict(event.data), by=f"event:{event.source}", event_id=event.id,
                              load_policy=batch.load_policy)
         new = event.type == "crash.submitted"
+        if new and self.creator_domains and not addresses.in_domains(event.data["creator"], self.creator_domains):
+            return self.reject(session, body, event, (
+                f"creator {event.data['creator']} is not at a domain this site mails ([mail] creator_domains: "
+                f"{', '.join(self.creator_domains)}); fix the submitter, or add the domain and replay the event"),
+                logged=False, said=said, minted=minted)
         try:
             if new:
                 job = _new_job()
@@ -146,7 +179,7 @@ class Applier:
                 trigger = self._trigger_for(event.type, job)
                 change = self.workflow.fire(job, trigger, ctx)
         except RetracerError as exc:
-            return self.reject(session, body, event, str(exc), logged=False)
+            return self.reject(session, body, event, str(exc), logged=False, said=said, minted=minted)
         if new:
             # Its id is reserved now, so later events of this batch find it without a flush.
             given = batch.given[index] if batch.given else None
@@ -157,7 +190,8 @@ class Applier:
         batch.jobs[job.id] = job
         self._record(session, job, change, ctx, batch)
         batch.created_or_applied.append(index)
-        batch.markers[index] = {"event_id": event.id, "job_id": job.id, "outcome": "applied", "at": batch.now}
+        batch.markers[index] = {"event_id": event.id, "job_id": job.id, "outcome": "applied", "at": batch.now,
+                                "digest": said}
         return Outcome("applied", event.id, event.type, job.id, change.trigger, change.source, change.dest)
 
     def _trigger_for(self, event_type: str, job: Job) -> str:
@@ -170,17 +204,18 @@ class Applier:
                                 self.workflow.allowed_from(job.state))
 
     def reject(self, session: Session, body: Any, event: ev.Event | None, reason: str,
-               logged: bool = True) -> Outcome:
-        """Keep ``body`` in `rejected` with ``reason`` (and its marker, if it has an id); ``logged``: say so
-        in the log now (apply_batch logs its rejections after its writes)."""
+               logged: bool = True, mark: bool = True, said: str | None = None, minted: bool = False) -> Outcome:
+        """Keep ``body`` in `rejected` with ``reason`` (and its marker, if it has an id and ``mark``);
+        ``logged``: say so in the log now (apply_batch logs its rejections after its writes); ``minted``: the
+        service made the event (a replay may use its reserved id again)."""
         known = event.to_dict() if event is not None else ev.peek(body)
-        text = body if isinstance(body, str) else (
-            body.decode("utf-8", "replace") if isinstance(body, bytes | bytearray) else json.dumps(body, default=str))
         session.add(Rejected(event_id=ev.storable(known.get("id")), event_type=ev.storable(known.get("type")),
-                             job_id=known.get("job"), body=ev.storable(text), reason=ev.storable(reason)))
-        if event is not None:
+                             job_id=known.get("job"), reason=ev.storable(reason), minted=minted,
+                             **kept_body(body)))
+        if event is not None and mark:
             # A redelivered copy of a rejected event is a duplicate, not a second rejection.
-            session.add(ProcessedEvent(event_id=event.id, job_id=event.job, outcome="rejected"))
+            session.add(ProcessedEvent(event_id=event.id, job_id=event.job, outcome="rejected",
+                                       digest=said or digest(event)))
         outcome = Outcome("rejected", known.get("id"), known.get("type"), known.get("job"), reason=reason)
         if logged:
             _log_rejected(outcome)
@@ -270,6 +305,25 @@ class Applier:
             bulk.insert_rows(conn, _HISTORY_TABLE, rows)
             bulk.insert_rows(conn, _MAIL_TABLE, mails)
         bulk.insert_rows(conn, _MARKER_TABLE, list(batch.markers.values()))
+
+
+def digest(event: ev.Event) -> str:
+    """What ``event`` says, as a digest of its canonical form (the same for a copy serialized otherwise)."""
+    return hashlib.sha256(event.to_json().encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def kept_body(body: Any) -> dict[str, Any]:
+    """The columns of a rejected event's body: whole when short, else its first MAX_REJECTED_BODY characters,
+    with the whole body's size in bytes and its SHA-256 either way."""
+    if isinstance(body, bytes | bytearray):
+        raw = bytes(body)
+        text = raw[:MAX_REJECTED_BODY * 4].decode("utf-8", "replace")
+    else:
+        text = body if isinstance(body, str) else json.dumps(body, default=str)
+        raw = text.encode("utf-8", "surrogatepass")
+    truncated = len(text) > MAX_REJECTED_BODY or len(raw) > MAX_REJECTED_BODY * 4
+    return {"body": ev.storable(text[:MAX_REJECTED_BODY]), "body_bytes": len(raw),
+            "body_sha256": hashlib.sha256(raw).hexdigest(), "truncated": truncated}
 
 
 def _log_rejected(outcome: Outcome) -> None:

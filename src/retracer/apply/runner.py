@@ -57,27 +57,28 @@ class Runner:
         self._last_failure: BaseException | None = None
 
     def apply(self, bodies: Sequence[str | bytes], fresh: bool = False,
-              job_ids: Sequence[int | None] | None = None) -> list[Outcome]:
+              job_ids: Sequence[int | None] | None = None, minted: bool = False) -> list[Outcome]:
         """Apply a batch in one transaction, retrying on conflicts; never raises for a bad event.
 
         ``fresh``: the broker delivers these for the first time, so they are most likely new; the batch is
         first applied without looking up their processed-event markers (a SELECT of ~4 ms a batch on
         PostgreSQL). An event applied before still cannot take effect twice: its marker's primary key
         fails the insert, the transaction rolls back, and the batch is applied again with the lookup.
-        ``job_ids``: see Applier.apply_batch.
+        ``job_ids``, ``minted``: see Applier.apply_batch.
         """
         outcomes = None
         if fresh:
-            outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies), unseen=True,
-                                                                               job_ids=job_ids), tentative=True)
+            outcomes = self._retrying(lambda session: self.applier.apply_batch(
+                session, list(bodies), unseen=True, job_ids=job_ids, minted=minted), tentative=True)
         if outcomes is None:
-            outcomes = self._retrying(lambda session: self.applier.apply_batch(session, list(bodies),
-                                                                               job_ids=job_ids))
+            outcomes = self._retrying(lambda session: self.applier.apply_batch(
+                session, list(bodies), job_ids=job_ids, minted=minted))
         if outcomes is None:  # one event breaks the batch: apply them one at a time to isolate it
             outcomes = []
             for i, body in enumerate(bodies):
-                outcomes += (self._retrying(_one(self.applier, body, job_ids[i] if job_ids else None), quiet=True)
-                             or self._keep_rejected([body]))
+                outcomes += (self._retrying(_one(self.applier, body, job_ids[i] if job_ids else None, minted),
+                                            quiet=True)
+                             or self._keep_rejected([body], minted))
         return outcomes
 
     def drain_inbox(self, size: int) -> list[Outcome]:
@@ -135,7 +136,7 @@ class Runner:
                 return None
         return None
 
-    def _keep_rejected(self, bodies: list[str | bytes] | None) -> list[Outcome]:
+    def _keep_rejected(self, bodies: list[str | bytes] | None, minted: bool = False) -> list[Outcome]:
         """An event that cannot be applied even alone is kept, with the error, for an admin to look at.
 
         ``bodies`` is the event from the broker; None takes the next inbox row, removed in the same
@@ -147,8 +148,11 @@ class Runner:
             rows = embedded.take(session, 1) if bodies is None else []
             embedded.done(session, rows)
             found = bodies if bodies is not None else [r.body for r in rows]
-            return [self.applier.reject(session, body, None, f"internal error: {exc!r}") for body in found]
+            return [self.applier.reject(session, body, None, f"internal error: {exc!r}", minted=minted)
+                    for body in found]
 
 
-def _one(applier: Applier, body: str | bytes, job_id: int | None) -> Callable[[Session], list[Outcome]]:
-    return lambda session: applier.apply_batch(session, [body], job_ids=[job_id] if job_id else None)
+def _one(applier: Applier, body: str | bytes, job_id: int | None,
+         minted: bool) -> Callable[[Session], list[Outcome]]:
+    return lambda session: applier.apply_batch(session, [body], job_ids=[job_id] if job_id else None,
+                                               minted=minted)

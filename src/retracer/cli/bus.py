@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from typing import TextIO
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import click
 from sqlalchemy import delete
@@ -65,11 +65,23 @@ def serve(app: AppContext, until_idle: bool, log_level: str, as_json: bool) -> N
         emit_json(stats.as_dict())
 
 
-def _read_events(stream: TextIO, name: str) -> list[ev.Event]:
-    """Every line must be a valid event; all problems are reported before anything is sent."""
+#: How many problems a refused file lists (the count is always given): a file of a million bad lines must
+#: not become a million-line error.
+MAX_LISTED_PROBLEMS = 50
+
+
+def _read_events(stream: BinaryIO, name: str) -> list[ev.Event]:
+    """Every line must be a valid event; all problems are reported before anything is sent.
+
+    Lines are read as bytes and each decoded on its own, so that a line that is not UTF-8 is reported with
+    its number like any other bad line.
+    """
     good: list[ev.Event] = []
     problems: list[str] = []
-    for number, line in enumerate(stream, start=1):
+    for number, line in enumerate(_lines(stream), start=1):
+        if line is None:
+            problems.append(f"{name}:{number}: line is longer than an event may be ({ev.MAX_BODY_BYTES} bytes)")
+            continue
         if not line.strip():
             continue
         try:
@@ -77,18 +89,36 @@ def _read_events(stream: TextIO, name: str) -> list[ev.Event]:
         except InvalidEvent as exc:
             problems.append(f"{name}:{number}: {exc}")
     if problems:
-        raise InvalidEvent(f"{len(problems)} bad event(s), nothing was published:\n" + "\n".join(problems))
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            listed.append(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+        raise InvalidEvent(f"{len(problems)} bad event(s), nothing was published:\n" + "\n".join(listed))
     return good
 
 
+def _lines(stream: BinaryIO) -> Iterator[bytes | None]:
+    """The lines of ``stream``, each read with a bound: None for a line longer than an event may be (its rest
+    is skipped in bounded pieces), so a file without newlines (/dev/zero) cannot fill memory."""
+    while True:
+        line = stream.readline(ev.MAX_BODY_BYTES + 2)
+        if not line:
+            return
+        if len(line) == ev.MAX_BODY_BYTES + 2 and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = stream.readline(1024 * 1024)
+            yield None
+        else:
+            yield line
+
+
 @cli.command()
-@click.argument("source", type=click.File("r", encoding="utf-8"), default="-")
+@click.argument("source", type=click.File("rb"), default="-")
 @reason_option
 @actor_option
 @dry_run_option
 @json_option
 @pass_app
-def publish(app: AppContext, source: TextIO, reason: str | None, actor: str | None, dry_run: bool,
+def publish(app: AppContext, source: BinaryIO, reason: str | None, actor: str | None, dry_run: bool,
             as_json: bool) -> None:
     """Publish events from SOURCE (a file of JSON lines, or - for standard input).
 
@@ -97,7 +127,8 @@ def publish(app: AppContext, source: TextIO, reason: str | None, actor: str | No
     Each event says who sent it (its source); with --reason the publication is also kept in `retracer audit`
     with --as and the reason. --dry-run validates and sends nothing.
     """
-    name = "<stdin>" if source is sys.stdin or getattr(source, "name", "-") in ("-", "<stdin>") else source.name
+    name = getattr(source, "name", "-")
+    name = "<stdin>" if not isinstance(name, str) or name in ("-", "<stdin>") else name
     found = _read_events(source, name)
     who = actor_name(actor)
     bus = open_bus(app.config, app.factory)
@@ -172,10 +203,15 @@ def rejected_replay(app: AppContext, rejected_id: int, actor: str | None, reason
         if row.replayed_at is not None:
             raise RetracerError(f"rejected event {rejected_id} was already replayed at {when(row.replayed_at)} "
                                 f"(see `retracer rejected --all`; publish a new event to try again)")
+        if row.truncated:
+            raise RetracerError(
+                f"rejected event {rejected_id} was {row.body_bytes} bytes, past what an event may be; only its "
+                f"start was kept (sha256 {row.body_sha256}), so it cannot be applied: ask its publisher to "
+                f"send a valid event")
         if row.event_id:
             session.execute(delete(ProcessedEvent).where(ProcessedEvent.event_id == row.event_id,
                                                          ProcessedEvent.outcome == "rejected"))
-        (outcome,) = Applier(app.config).apply_batch(session, [row.body])
+        (outcome,) = Applier(app.config).apply_batch(session, [row.body], minted=row.minted)
         row.replayed_at = utcnow()
         session.add(Audit(actor=who, action="replay", detail=json.dumps(
             {"rejected": rejected_id, "event_id": row.event_id, "outcome": outcome.status, "reason": reason})))

@@ -83,7 +83,20 @@ def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> b
 json_option = click.option("--json", "as_json", is_flag=True, callback=_remember_json,
                            help="Print JSON instead of text (errors too: {\"error\": ..., \"exit_code\": N}).")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Check and report; change nothing.")
-actor_option = click.option("--as", "actor", default=None, metavar="NAME",
+#: The longest --as: "admin:" and the name is a submitted event's source, which may be 200 characters long.
+MAX_ACTOR_NAME = 200 - len("admin:")
+
+
+def _actor(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value.strip() or len(value) > MAX_ACTOR_NAME or _CONTROL.search(value):
+        raise click.BadParameter(f"must be a name of 1 to {MAX_ACTOR_NAME} characters without control "
+                                 f"characters (it is kept in the record of what was done)")
+    return value
+
+
+actor_option = click.option("--as", "actor", default=None, metavar="NAME", callback=_actor,
                             help="Who is acting, for the record (default: your login name).")
 reason_option = click.option("--reason", default=None, help="Why (kept with the record of what was done).")
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from retracer import addresses
 from retracer.errors import MailError
 
 # Control, format (bidi overrides, zero-width), line/paragraph separators; surrogates cannot be encoded.
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _SPACES = re.compile(r"\s+")
-# The same shape config.py and events.py accept, minus anything that could widen an address header.
-_ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]+@[^@\s<>,;:\"()\[\]\\]+$")
 
 #: Longer values are cut: a header is for reading at a glance; the body carries the whole text.
 MAX_HEADER_VALUE = 400
@@ -40,9 +39,12 @@ def clean(value: object, max_length: int = MAX_HEADER_VALUE) -> str:
 
 
 def address(value: object, what: str = "recipient") -> str:
-    """A bare email address for To/From, or MailError saying what was wrong with it."""
-    text = clean(value, max_length=320)
-    if text != str(value).strip() or not _ADDRESS.match(text):
-        raise MailError(f"the {what} {str(value)[:100]!r} is not a plain email address (user@host, no name, "
-                        f"spaces, control characters or encoded words); fix it where it was given")
-    return text
+    """A bare email address for To/From, or MailError saying what was wrong with it.
+
+    The rule is the one events and the configuration apply at the door (retracer.addresses): an address
+    stored before that rule, or given another way, is refused here rather than sent garbled.
+    """
+    why = addresses.problem(value)
+    if why is not None:
+        raise MailError(f"the {what} {str(value)[:100]!r} {why}; fix it where it was given")
+    return str(value)

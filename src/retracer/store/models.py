@@ -24,6 +24,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     event,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session, relationship, validates
@@ -33,6 +34,14 @@ from retracer.workflow import load_spec, machine_is_writing
 
 #: The workflow's states, in the file's order: the only values the state column admits.
 STATES = tuple(load_spec().states)
+
+
+#: Who did something: "event:" or "admin:" before a name of at most 200 characters (an event's source, an
+#: admin's --as), or the service's own name.
+MAX_ACTOR = 255
+
+#: How much of a rejected event is kept (characters); a longer one keeps this much, its size and its digest.
+MAX_REJECTED_BODY = 64 * 1024
 
 
 def utcnow() -> datetime:
@@ -179,7 +188,7 @@ class History(Base):
     to_state: Mapped[str] = mapped_column(String(20))
     trigger: Mapped[str] = mapped_column(String(50))
     event_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
-    actor: Mapped[str] = mapped_column(String(200))
+    actor: Mapped[str] = mapped_column(String(MAX_ACTOR))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -194,6 +203,9 @@ class ProcessedEvent(Base):
     event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     outcome: Mapped[str] = mapped_column(String(20))
+    # What the event said (a digest of its canonical form), so that its id reused for other content is told
+    # apart from a redelivery; None for the service's own markers.
+    digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -222,7 +234,9 @@ class Outbox(Base):
 
 
 class Rejected(Base):
-    """An event that could not be applied, kept whole with the reason, until an admin replays it."""
+    """An event that could not be applied, with the reason, until an admin replays it: kept whole up to
+    MAX_REJECTED_BODY characters, else its first ones with its size and digest (a publisher must not be able
+    to fill the disk with events nobody can apply)."""
 
     __tablename__ = "rejected"
 
@@ -231,6 +245,11 @@ class Rejected(Base):
     event_type: Mapped[str | None] = mapped_column(String(100), nullable=True)
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     body: Mapped[str] = mapped_column(Text)
+    body_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    body_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Made by the service itself (an upload's event): only then may a replay use a reserved id.
+    minted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     reason: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -275,7 +294,7 @@ class SpuriousPattern(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     pattern: Mapped[str] = mapped_column(Text, unique=True)
     reason: Mapped[str] = mapped_column(Text)
-    added_by: Mapped[str] = mapped_column(String(200))
+    added_by: Mapped[str] = mapped_column(String(MAX_ACTOR))
     added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -285,7 +304,7 @@ class Audit(Base):
     __tablename__ = "audit"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    actor: Mapped[str] = mapped_column(String(200))
+    actor: Mapped[str] = mapped_column(String(MAX_ACTOR))
     action: Mapped[str] = mapped_column(String(50))
     detail: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

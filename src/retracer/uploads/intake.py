@@ -19,21 +19,20 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import events as ev
 from retracer.apply.applier import Applier, Outcome
 from retracer.config import Config
-from retracer.errors import TransitionRefused
+from retracer.errors import InvalidEvent, TransitionRefused, UploadRejected
 from retracer.store.models import Job, ProcessedEvent
 from retracer.uploads import spool
-from retracer.uploads.files import ACCEPTED, FAILED, INCOMING, leaf_name_problem
+from retracer.uploads.files import ACCEPTED, FAILED, INCOMING, leaf_name_problem, lexists_in, open_lock
 from retracer.workflow import Change, Workflow
 
 log = logging.getLogger("retracer.spool")
@@ -41,10 +40,14 @@ log = logging.getLogger("retracer.spool")
 #: Longer leaves are shortened (with a hash of the whole name) in event ids, which are at most 200 characters.
 MAX_LEAF_IN_ID = 120
 
-#: The uploads this process already said it leaves for an admin (said once, not on every round).
-_told: set[str] = set()
+#: Why this process last said it left each upload in incoming/ (said once, not on every round).
+_told: dict[str, str] = {}
 
-Apply = Callable[[Sequence[str | bytes]], list[Outcome]]
+
+class Apply(Protocol):
+    """Commits a batch of event bodies (Runner.apply); ``minted``: the service made them itself."""
+
+    def __call__(self, bodies: Sequence[str | bytes], *, minted: bool) -> list[Outcome]: ...
 
 
 @dataclass(frozen=True)
@@ -68,16 +71,13 @@ class _LeftForAdmin(Exception):
 def spool_lock(config: Config, blocking: bool = True) -> Iterator[bool]:
     """Hold the spool's lock; yields False (without waiting) when not blocking and another process has it."""
     spool.ensure_layout(config.spool_dir)
-    fd = os.open(config.spool_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
+    with open_lock(config.spool_dir) as fd:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
         yield True
-    finally:
-        os.close(fd)
 
 
 def expected_job(factory: sessionmaker[Session], job_id: int) -> spool.ExpectedJob | None:
@@ -102,15 +102,15 @@ def upload_event_id(result: spool.UploadResult) -> str:
     """
     leaf = result.leaf if len(result.leaf) <= MAX_LEAF_IN_ID else f"{result.leaf[:80]}~{_sha(result.leaf)[:16]}"
     if result.accepted:
-        return f"upload:{leaf}:{(result.digest or _sha(result.upload_log))[:24]}"
+        return f"{ev.RESERVED}upload:{leaf}:{(result.digest or _sha(result.upload_log))[:24]}"
     verdict = _sha((result.digest or "") + "\0" + result.upload_log)
-    return f"upload:{leaf}:{verdict[:24]}:refused"
+    return f"{ev.RESERVED}upload:{leaf}:{verdict[:24]}:refused"
 
 
 def upload_event(result: spool.UploadResult) -> dict[str, Any]:
     """The event reporting a processed upload (see ``upload_event_id``)."""
-    return ev.make(result.event_type, result.job_id, result.to_event_data(), source="retracer:spool",
-                   event_id=upload_event_id(result)).to_dict()
+    return ev.make(result.event_type, result.job_id, result.to_event_data(), source=f"{ev.RESERVED}spool",
+                   event_id=upload_event_id(result), minted=True).to_dict()
 
 
 def admin_trigger(workflow: Workflow, result: spool.UploadResult, state: str) -> str | None:
@@ -173,17 +173,42 @@ def process_incoming(config: Config, factory: sessionmaker[Session], apply: Appl
             except _LeftForAdmin as waiting:
                 _tell_left(config, name, waiting.job)
                 continue
+            except OSError as exc:  # refusals are results; this is an upload the checks could not even refuse
+                _stuck(config, name, f"it could not be processed ({exc})", "fix or remove it by hand", admin)
+                continue
             if result.missing and admin is not None:
                 result = _where_else(config, result)
             outcome = None
             if not dry_run and not result.missing:
                 if result.job_id is not None:
-                    outcome = _settle(factory, applier, apply, result, admin)
-                result = spool.file_away(config.spool_dir, result)
+                    try:
+                        outcome = _settle(factory, applier, apply, result, admin)
+                    except InvalidEvent as exc:
+                        _stuck(config, name, f"its {result.event_type} event is not valid ({exc})",
+                               "process it with `retracer process-upload --dry-run` to see why, then fix or "
+                               "remove it by hand", admin)
+                        continue
+                result = _file_away(config, result, admin)
             done.append((result, outcome))
         if leaf is None:
-            _told.intersection_update(leaves)
+            for gone in set(_told) - set(leaves):
+                del _told[gone]
     return done
+
+
+def _file_away(config: Config, result: spool.UploadResult, admin: Admin | None) -> spool.UploadResult:
+    """File a processed upload away; one that cannot be moved stays in incoming/ and is said so once."""
+    try:
+        filed = spool.file_away(config.spool_dir, result)
+    except (UploadRejected, OSError) as exc:
+        _stuck(config, result.leaf, str(exc), "serve tries again at each round until it is moved or removed",
+               admin)
+        return result
+    if admin is None and not filed.accepted and filed.job_id is None:
+        # No event reports an upload that names no job: this line is its only record.
+        log.warning("upload refused and filed away; it names no job, so no event reports it", extra={
+            "leaf": filed.leaf, "moved_to": str(filed.moved_to), "upload_log": filed.upload_log[:2000]})
+    return filed
 
 
 def _settle(factory: sessionmaker[Session], applier: Applier, apply: Apply, result: spool.UploadResult,
@@ -213,7 +238,7 @@ def _settle(factory: sessionmaker[Session], applier: Applier, apply: Apply, resu
                     return Outcome("duplicate", upload_event_id(result), result.event_type, job_id)
                 return Outcome("applied", upload_event_id(result), result.event_type, job_id, change.trigger,
                                change.source, change.dest)
-    (outcome,) = apply([json.dumps(upload_event(result))])
+    (outcome,) = apply([json.dumps(upload_event(result))], minted=True)
     return outcome
 
 
@@ -224,18 +249,31 @@ def _where_else(config: Config, result: spool.UploadResult) -> spool.UploadResul
     for sub, hint in ((FAILED, f"move it back to {config.spool_dir / INCOMING} first, or rescue its job with "
                                f"`retracer rescue JOB`"),
                       (ACCEPTED, "it was accepted already: look at its job with `retracer show JOB`")):
-        if os.path.lexists(config.spool_dir / sub / result.leaf):
+        if lexists_in(config.spool_dir, sub, result.leaf):
             more = f"{result.leaf} is in {config.spool_dir / sub}: {hint}"
             return replace(result, upload_log=f"{result.upload_log}\n{more}", problems=(*result.problems, more))
     return result
 
 
 def _tell_left(config: Config, leaf: str, job: spool.ExpectedJob) -> None:
-    if leaf in _told:
+    if _told.get(leaf) == "admin":
         return
-    _told.add(leaf)
+    _told[leaf] = "admin"
     log.warning("upload left for an admin", extra={
         "leaf": leaf, "job": job.job_id, "state": job.state,
         "hint": f"job {job.job_id} is {job.state}: only an admin moves it on; reprocess the upload with "
                 f"`retracer process-upload --leaf {leaf}` or `retracer rescue {job.job_id}`, or remove "
                 f"{config.spool_dir / INCOMING / leaf}"})
+
+
+def _stuck(config: Config, leaf: str, why: str, what_to_do: str, admin: Admin | None) -> None:
+    """An upload that can be neither processed nor filed away stays in incoming/: `serve` says so once (not on
+    every round) and goes on with the next; an admin is told at once, as the command's error."""
+    if admin is not None:
+        raise UploadRejected(f"upload {leaf!r} stays in {config.spool_dir / INCOMING}: {why}; {what_to_do}")
+    if _told.get(leaf) == why:
+        return
+    _told[leaf] = why
+    log.warning("upload left in incoming/", extra={
+        "leaf": leaf, "error": why[:2000],
+        "hint": f"{what_to_do} ({config.spool_dir / INCOMING / leaf}); the other uploads go on being processed"})

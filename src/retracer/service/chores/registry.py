@@ -8,9 +8,13 @@ starts; adding one needs no edit of the serve loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from retracer.apply.runner import unavailable
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -61,6 +65,26 @@ def unregister(name: str) -> None:
 def registered() -> list[tuple[str, MakeChore]]:
     """The registered chores, in the order they run."""
     return list(_REGISTERED.items())
+
+
+log = logging.getLogger("retracer.serve")
+
+
+@contextmanager
+def isolated(session: Session, chore: str, job_id: int) -> Iterator[None]:
+    """Run a chore's work on one job in a savepoint of ``session``: if it fails, that work is rolled back and
+    logged with the job, and the chore goes on with the next job (one job cannot stop a chore for all).
+
+    An unusable database still raises: no job is to blame for it, and the chore's round fails as a whole.
+    """
+    try:
+        with session.begin_nested():
+            yield
+    except Exception as exc:
+        if unavailable(exc):
+            raise
+        log.error("chore failed for one job; it is tried again next round", exc_info=exc,
+                  extra={"chore": chore, "job": job_id, "error": str(exc)[:300]})
 
 
 class Simple:

@@ -9,7 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from retracer.config import Config
-from retracer.service.chores.registry import Chore, ChoreContext, Simple
+from retracer.events import RESERVED
+from retracer.service.chores.registry import Chore, ChoreContext, Simple, isolated
 from retracer.store.models import Job, utcnow
 from retracer.workflow import load_spec
 
@@ -24,7 +25,11 @@ def stale_jobs(session: Session, config: Config, now: datetime | None = None) ->
 
 
 def watch(ctx: ChoreContext) -> int:
-    """Fire the watchdog's trigger on every job whose heartbeats stopped; returns how many."""
+    """Fire the watchdog's trigger on every job whose heartbeats stopped; returns how many.
+
+    Each job's firing is its own savepoint: one that fails (its data, a bug) is logged and left for the next
+    round, and every other stale job still moves.
+    """
     n = 0
     trigger = ctx.applier.workflow.roles.watchdog
     with ctx.factory() as session, session.begin():
@@ -34,11 +39,14 @@ def watch(ctx: ChoreContext) -> int:
             silent = round((utcnow() - job.last_heartbeat).total_seconds(), 1) if job.last_heartbeat else None
             error = f"no heartbeat from worker {job.worker or '?'} for {silent}s " \
                     f"(timeout {ctx.config['service']['heartbeat_timeout_s']}s)"
-            # The version makes the id unique per stale episode, so two services cannot both fire it.
-            ctx.applier.fire(session, job.id, trigger, by="service:watchdog",
-                             data={"error": error, "transient": True},
-                             event_id=f"watchdog:{job.id}:{job.version_id}", policy=policy)
-            n += 1
+            job_id, version = job.id, job.version_id
+            with isolated(session, "watchdog", job_id):
+                # The version makes the id unique per stale episode, so two services cannot both fire it;
+                # the reserved prefix keeps publishers from claiming it first.
+                ctx.applier.fire(session, job_id, trigger, by="service:watchdog",
+                                 data={"error": error, "transient": True},
+                                 event_id=f"{RESERVED}watchdog:{job_id}:{version}", policy=policy)
+                n += 1
     return n
 
 
