@@ -233,7 +233,7 @@ class TestLeafNames:
         (spool_dir / "incoming" / "job-7-1").symlink_to(outside / "victim")
         result = run(spool_dir, "job-7-1", results)
         assert_refused(result, r"job-7-1: is a symlink, not a directory", results)
-        assert re.search(r"resolves to .*outside/victim, outside", result.upload_log)
+        assert re.search(r"resolves to '.*outside/victim', outside", result.upload_log)
         assert result.job_id == 7  # the job being processed, for the upload.failed event
         moved = spool_dir / "failed" / "job-7-1"
         assert moved.is_symlink(), "the link itself is filed away, never its target"
@@ -674,3 +674,13 @@ class TestIncomingAndWrite:
         (tmp_path / "spool" / "incoming").write_text("", encoding="utf-8")
         with pytest.raises(ConfigError, match=r"spool .*incoming must be a real directory"):
             spool.ensure_layout(tmp_path / "spool")
+
+    def test_spool_path_may_be_a_symlink(self, tmp_path: Path, results: Path) -> None:
+        """The admin's [spool] path may itself be a symlink: only what is inside the spool is refused as one."""
+        (tmp_path / "real").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        spool.ensure_layout(tmp_path / "link")
+        spool.write_upload(tmp_path / "link", "job-7-1", manifest(), GOOD_BACKTRACE, "")
+        assert spool.incoming_leaves(tmp_path / "link") == ["job-7-1"]
+        assert run(tmp_path / "link", "job-7-1", results).accepted
+        assert (tmp_path / "real" / "accepted" / "job-7-1").is_dir()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import re
 import stat
@@ -16,13 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retracer.config import Config
-from retracer.events import HEX
 from retracer.uploads.files import ALLOWED_FILES, BACKTRACE, DIR_FLAGS, MANIFEST, READ_FLAGS
+from retracer.uploads.manifest import MANIFEST_KEYS, MAX_MANIFEST_BYTES, parse_manifest, short
 from retracer.workflow import load_spec
 
-MANIFEST_KEYS = ("job", "crash_id", "build_ids", "worker")
-#: A manifest is four short fields; anything bigger is not one (and json.loads must not chew on megabytes).
-MAX_MANIFEST_BYTES = 64 * 1024
 #: A hostile upload can hold millions of entries; after this many the log stops listing them.
 MAX_ENTRIES = 1000
 
@@ -80,7 +76,11 @@ def lstat_entry(source_fd: int, leaf: str, where: Path, inspection: Inspection) 
         return None
     except OSError as exc:
         if exc.errno != errno.ENAMETOOLONG:
-            raise
+            # It is there but cannot be looked at (its directory's permissions, an I/O error): refused with the
+            # reason, so that it is filed away if it can be, instead of stopping every upload sorted after it.
+            inspection.problems.append(f"{leaf[:80]!r}: cannot be examined ({exc.strerror}); check its owner and "
+                                       f"permissions in {where}, then upload it again")
+            return None
         # An admin's --leaf can be longer than the file system allows a name to be: no such upload can exist.
         inspection.missing = True
         inspection.problems.append(f"there is no upload {leaf[:80]!r}... in {where}: the name has {len(leaf)} "
@@ -95,13 +95,8 @@ def inspect_upload(root: Path, source: str, source_fd: int, leaf: str, limits: L
     st = lstat_entry(source_fd, leaf, where, inspection)
     if st is None:
         return
-    real = os.path.realpath(where / leaf)
-    if os.path.dirname(real) != str(where):
-        inspection.problems.append(f"{leaf}: resolves to {real}, outside {where}: refused without following "
-                                   f"it; an upload must be a real directory inside the spool")
     if stat.S_ISLNK(st.st_mode):
-        inspection.problems.append(f"{leaf}: is a symlink, not a directory: refused without following it; "
-                                   f"upload a real directory")
+        _refuse_link(source_fd, leaf, where, inspection)
         return
     if not stat.S_ISDIR(st.st_mode):
         inspection.problems.append(f"{leaf}: is not a directory: an upload is a directory holding "
@@ -111,12 +106,34 @@ def inspect_upload(root: Path, source: str, source_fd: int, leaf: str, limits: L
         fd = os.open(leaf, DIR_FLAGS, dir_fd=source_fd)
     except OSError as exc:
         inspection.problems.append(f"{leaf}: cannot be opened as a directory ({exc.strerror}); upload a real "
-                                   f"directory")
+                                   f"directory that the service's user may read")
         return
     try:
         _inspect_files(fd, limits, inspection)
+    except OSError as exc:
+        # Whatever the upload holds, reading it must not raise: an entry that cannot be listed or read is a
+        # reason to refuse the upload, not to stop the spool.
+        inspection.problems.append(f"{leaf}: could not be read ({exc.strerror}); check the owner and "
+                                   f"permissions of its files, then upload it again")
     finally:
         os.close(fd)
+
+
+def _refuse_link(source_fd: int, leaf: str, where: Path, inspection: Inspection) -> None:
+    """Refuse a symlink in place of an upload, saying where it points without following it."""
+    try:
+        # Read through the directory descriptor, not a path: the entry may have been replaced since the lstat.
+        target = os.readlink(leaf, dir_fd=source_fd)
+    except OSError as exc:
+        inspection.problems.append(f"{leaf}: was a symlink, then changed while it was being examined "
+                                   f"({exc.strerror}); it was not followed: upload a real directory, once")
+        return
+    pointed = os.path.normpath(os.path.join(where, target))
+    if os.path.dirname(pointed) != str(where):
+        inspection.problems.append(f"{leaf}: resolves to {pointed[:300]!r}, outside {where}: refused without "
+                                   f"following it; an upload must be a real directory inside the spool")
+    inspection.problems.append(f"{leaf}: is a symlink, not a directory: refused without following it; "
+                               f"upload a real directory")
 
 
 def _inspect_files(fd: int, limits: Limits, inspection: Inspection) -> None:  # noqa: C901  (one check per entry kind, all reported)
@@ -212,6 +229,9 @@ def _read_bounded(fd: int, name: str, est: os.stat_result, limit: int, problems:
                 break
             chunks.append(chunk)
             left -= len(chunk)
+    except OSError as exc:
+        problems.append(f"{name}: could not be read ({exc.strerror}); upload it again")
+        return None
     finally:
         os.close(file_fd)
     data = b"".join(chunks)
@@ -222,8 +242,7 @@ def _read_bounded(fd: int, name: str, est: os.stat_result, limit: int, problems:
     return data
 
 
-def _read_manifest(  # noqa: C901  (one check per manifest key, every problem reported)
-        fd: int, est: os.stat_result, limits: Limits, inspection: Inspection) -> bytes | None:
+def _read_manifest(fd: int, est: os.stat_result, limits: Limits, inspection: Inspection) -> bytes | None:
     problems = inspection.problems
     limit = min(limits.max_file_bytes, MAX_MANIFEST_BYTES)
     if est.st_size > limit:
@@ -233,54 +252,11 @@ def _read_manifest(  # noqa: C901  (one check per manifest key, every problem re
     raw = _read_bounded(fd, MANIFEST, est, limit, problems)
     if raw is None:
         return None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        problems.append(f"{MANIFEST}: is not UTF-8 ({exc.reason} at byte {exc.start}); write it as UTF-8 JSON")
-        return raw
-    except (json.JSONDecodeError, RecursionError) as exc:
-        problems.append(f"{MANIFEST}: is not valid JSON ({str(exc)[:200]}); write a JSON object with "
-                        f"{', '.join(MANIFEST_KEYS)}")
-        return raw
-    if not isinstance(data, dict):
-        problems.append(f"{MANIFEST}: must be a JSON object, not {type(data).__name__}; write an object with "
-                        f"{', '.join(MANIFEST_KEYS)}")
-        return raw
-    extra = sorted(str(k)[:80] for k in data if k not in MANIFEST_KEYS)
-    if extra:
-        problems.append(f"{MANIFEST}: unknown keys {extra[:10]}; a manifest holds only {', '.join(MANIFEST_KEYS)}")
-    for key in MANIFEST_KEYS:
-        if key not in data:
-            problems.append(f"{MANIFEST}: {key} is missing; a manifest holds {', '.join(MANIFEST_KEYS)}")
-    job = data.get("job")
-    if "job" in data:
-        if isinstance(job, bool) or not isinstance(job, int) or not 0 < job < 2**62:
-            problems.append(f"{MANIFEST}: job is {_short(job)}, not a positive integer; write the job id the "
-                            f"work request carried")
-        else:
-            inspection.claimed_job = job
-    crash_id = data.get("crash_id")
-    if "crash_id" in data:
-        if not isinstance(crash_id, str) or not crash_id.strip() or len(crash_id) > 200:
-            problems.append(f"{MANIFEST}: crash_id is {_short(crash_id)}, not a crash id (a non-empty string of "
-                            f"at most 200 characters); copy it from the work request")
-        else:
-            inspection.crash_id = crash_id
-    build_ids = data.get("build_ids")
-    if "build_ids" in data:
-        if (not isinstance(build_ids, list) or len(build_ids) > 512
-                or not all(isinstance(b, str) and HEX.match(b) for b in build_ids)):
-            problems.append(f"{MANIFEST}: build_ids is {_short(build_ids)}, not a list of at most 512 hex "
-                            f"build-ids; list the build-ids the worker retraced with")
-        else:
-            inspection.build_ids = [b.lower() for b in build_ids]
-    worker = data.get("worker")
-    if "worker" in data:
-        if not isinstance(worker, str) or not worker.strip() or len(worker) > 200 or _has_control(worker):
-            problems.append(f"{MANIFEST}: worker is {_short(worker)}, not a worker name (one line, at most 200 "
-                            f"characters); write the worker's name")
-        else:
-            inspection.worker = worker
+    found = parse_manifest(raw, problems)
+    inspection.claimed_job = found.job
+    inspection.crash_id = found.crash_id
+    inspection.build_ids = found.build_ids
+    inspection.worker = found.worker
     return raw
 
 
@@ -338,8 +314,8 @@ def check_job(expected: ExpectedJob | Callable[[int], ExpectedJob | None],
                             f"the upload belongs to another job: check the leaf name")
             return None
     if inspection.crash_id is not None and inspection.crash_id != job.crash_id:
-        problems.append(f"{MANIFEST}: crash_id is {_short(inspection.crash_id)}, but job {job.job_id} retraces "
-                        f"crash {_short(job.crash_id)}; the worker mixed up its jobs")
+        problems.append(f"{MANIFEST}: crash_id is {short(inspection.crash_id)}, but job {job.job_id} retraces "
+                        f"crash {short(job.crash_id)}; the worker mixed up its jobs")
     expected_ids = {b.lower() for b in job.build_ids}
     if inspection.build_ids is not None and expected_ids:
         got = set(inspection.build_ids)
@@ -349,12 +325,3 @@ def check_job(expected: ExpectedJob | Callable[[int], ExpectedJob | None],
             problems.append(f"{MANIFEST}: build_ids do not match job {job.job_id}'s (missing {missing}, "
                             f"unexpected {unexpected}); the worker retraced with other binaries")
     return job
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _has_control(text: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in text)

@@ -6,7 +6,6 @@ The kept upload is in failed/, or in incoming/ when the admin moved it back by h
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +16,7 @@ from retracer.config import Config
 from retracer.errors import JobNotFound, TransitionRefused, UploadRejected
 from retracer.store.models import Job
 from retracer.uploads import spool
-from retracer.uploads.files import ACCEPTED, FAILED, INCOMING
+from retracer.uploads.files import ACCEPTED, FAILED, INCOMING, lexists_in
 from retracer.uploads.intake import Admin, fire_for_admin, spool_lock
 from retracer.workflow import Change
 
@@ -103,12 +102,12 @@ def rescue(config: Config, factory: sessionmaker[Session], job_id: int, by: str,
 def _kept_in(config: Config, job_id: int, leaf: str) -> spool.Source:
     """Where the job's upload waits for its rescue: failed/, or incoming/ if an admin moved it back by hand."""
     root = config.spool_dir
-    if os.path.lexists(root / FAILED / leaf):
+    if lexists_in(root, FAILED, leaf):
         return "failed"
-    if os.path.lexists(root / INCOMING / leaf):
+    if lexists_in(root, INCOMING, leaf):
         return "incoming"
     filed = root / ACCEPTED / leaf
-    elsewhere = (f"it is in {filed}: move it back to {root / FAILED} and rescue again" if os.path.lexists(filed)
-                 else f"retrace the crash again with `retracer retry {job_id}`")
+    elsewhere = (f"it is in {filed}: move it back to {root / FAILED} and rescue again"
+                 if lexists_in(root, ACCEPTED, leaf) else f"retrace the crash again with `retracer retry {job_id}`")
     raise UploadRejected(f"job {job_id}'s upload {leaf} is neither kept in {root / FAILED} nor waiting in "
                          f"{root / INCOMING}: nothing to rescue; {elsewhere}")
