@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from amqp.exceptions import AccessRefused, NotFound
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue, binding
 from kombu.messaging import Consumer
@@ -92,7 +93,7 @@ class Publisher:
         try:
             if not self._declared:
                 self.connection.ensure_connection(max_retries=retries)
-                self.topology.declare(self.connection)
+                self._ensure_topology()
                 self._declared = True
             if self._producer is None:
                 self._producer = self.connection.Producer(serializer="json")
@@ -101,12 +102,33 @@ class Publisher:
                 content_type="application/json", content_encoding="utf-8", message_id=message_id,
                 retry=True, retry_policy={"max_retries": retries, "interval_start": 0.2,
                                           "interval_step": 0.5, "interval_max": 3},
-                declare=[self.topology.exchange],
+                declare=[],
             )
         except self.connection.connection_errors + self.connection.channel_errors as exc:
             self._producer = None
             raise BrokerError(f"could not publish {routing_key} {message_id} to "
                               f"{self.connection.as_uri()}: {exc}") from None
+
+    def _ensure_topology(self) -> None:
+        """Declare the exchanges and queues only if one is missing.
+
+        A passive declare needs no permission, so a publisher whose broker user may only write its own event
+        types (README, "Who may publish what") publishes once `serve` has declared the topology; declaring it
+        again would need the configure permission that lets a user delete the events queue.
+        """
+        channel = self.connection.channel()
+        try:
+            channel.exchange_declare(self.topology.exchange.name, "topic", passive=True)
+            for queue in (self.topology.events, self.topology.work):
+                channel.queue_declare(queue.name, passive=True)
+        except NotFound:
+            try:
+                self.topology.declare(self.connection)
+            except AccessRefused as exc:
+                raise BrokerError(f"the exchange and queues are not declared yet, and this broker user may not "
+                                  f"declare them ({exc}); start `retracer serve` once with its user") from None
+            return
+        channel.close()
 
     def publish_all(self, messages: Sequence[tuple[str, str, str]]) -> None:
         """Each message confirmed before the next is sent (a broker has no transaction across them)."""

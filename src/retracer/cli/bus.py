@@ -131,7 +131,8 @@ def publish(app: AppContext, source: BinaryIO, reason: str | None, actor: str | 
     name = "<stdin>" if not isinstance(name, str) or name in ("-", "<stdin>") else name
     found = _read_events(source, name)
     who = actor_name(actor)
-    bus = open_bus(app.config, app.factory)
+    # With a broker, publishing needs no database (a worker's host may hold broker credentials alone).
+    bus = open_bus(app.config, app.factory if app.config.embedded_bus else None)
     where = bus.describe()
     if not dry_run:
         publisher = bus.publisher()
