@@ -91,7 +91,9 @@ def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
 
 def make_config(data_dir: Path, db_url: str | None = None, **overrides: str) -> cfg.Config:
     env = {"RETRACER__SERVICE__DATA_DIR": str(data_dir),
-           "RETRACER__MAIL__ADMINS": "celso@example.com,foo.bar@example.com"}
+           "RETRACER__MAIL__ADMINS": "celso@example.com,foo.bar@example.com",
+           # Most tests drive jobs with events directly, without serve's offers (tests of offers set it).
+           "RETRACER__SERVICE__START_REQUIRES_OFFER": "false"}
     if db_url:
         env["RETRACER__DATABASE__URL"] = db_url
     env.update(overrides)

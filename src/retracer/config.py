@@ -59,6 +59,10 @@ RANGES: dict[str, tuple[float, float, str]] = {
     # A file is read into memory to be checked; the upload's total is only summed.
     "spool.max_file_bytes": (1, 2**30, "bytes, up to 1 GiB"),
     "spool.max_upload_bytes": (1, 2**36, "bytes, up to 64 GiB"),
+    "worker.concurrency": (1, 64, "attempts at once"),
+    "worker.heartbeat_interval_s": (0.01, WEEK_S, "seconds, up to 7 days"),
+    "worker.gdb_timeout_s": (0.01, WEEK_S, "seconds, up to 7 days"),
+    "worker.debuginfod_timeout_s": (1, 3600, "seconds, up to an hour"),
 }
 
 

@@ -122,6 +122,12 @@ def _priority(value: Any) -> str | None:
     return None if -1000 <= value <= 1000 else "must be between -1000 and 1000"
 
 
+def _attempt(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "must be an integer (the attempt the work request named)"
+    return None if 1 <= value <= MAX_JOB_ID else f"must be between 1 and {MAX_JOB_ID}"
+
+
 def _build_ids(value: Any) -> str | None:
     if not isinstance(value, list) or len(value) > 512:
         return "must be a list of at most 512 hex build-ids"
@@ -145,9 +151,10 @@ TYPES: dict[str, tuple[bool, dict[str, Check], dict[str, Check]]] = {
         "core": PATH,
         "executable": PATH,
     }, {"build_ids": _build_ids, "priority": _priority}),
-    "retrace.started": (True, {"worker": NAME}, {}),
-    "retrace.heartbeat": (True, {"worker": NAME}, {}),
-    "retrace.failed": (True, {"error": _long_text(65536)}, {"transient": _bool, "worker": NAME}),
+    "retrace.started": (True, {"worker": NAME}, {"attempt": _attempt}),
+    "retrace.heartbeat": (True, {"worker": NAME}, {"attempt": _attempt}),
+    "retrace.failed": (True, {"error": _long_text(65536)}, {"transient": _bool, "worker": NAME,
+                                                          "attempt": _attempt}),
     "upload.accepted": (True, {"leaf": LEAF}, {"result": _long_text(1024 * 1024)}),
     "upload.failed": (True, {"leaf": LEAF, "upload_log": _long_text(1024 * 1024)}, {}),
 }

@@ -23,6 +23,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from retracer.events import storable
+from retracer.store.models import MAX_REJECTED_BODY
 from retracer.testing.instance import Instance
 from retracer.testing.smtp import CaptureServer
 
@@ -312,13 +313,14 @@ class BadTally:
     internal: int = 0
     replays: int = 0
     replays_changed: int = 0
+    oversized: int = 0
     crashes: int = 0
 
     def line(self) -> str:
         return (f"hostile: sent {self.sent}, rejected with a readable reason {self.rejected_ok}, not listed "
                 f"{self.missing}, listed too often {self.extra}, unreadable reason {self.unreadable}, "
                 f"'internal error' {self.internal}, replays {self.replays} (changed something: "
-                f"{self.replays_changed}) | serve crashes {self.crashes}")
+                f"{self.replays_changed}), kept past the bound {self.oversized} | serve crashes {self.crashes}")
 
 
 def run_hostile(inst: Instance, bus: RawInbox | RawAmqp, workload: Workload, bad_first: list[Hostile],
@@ -369,9 +371,13 @@ def run_hostile(inst: Instance, bus: RawInbox | RawAmqp, workload: Workload, bad
     by_body: dict[str, list[str]] = {}
     for row in listed:
         by_body.setdefault(_keepable(row["body"]), []).append(row["reason"])
-    want = Counter(_keepable(decode(h.body)) for h in everything if h.rejected)
+    # A body is kept up to MAX_REJECTED_BODY characters (with its size and digest): compared by that prefix.
+    def kept(body: str | bytes) -> str:
+        return _keepable(decode(body)[:MAX_REJECTED_BODY])
+
+    want = Counter(kept(h.body) for h in everything if h.rejected)
     bad = BadTally(sent=len(everything), crashes=len(tally.crashes))
-    good_bodies = {_keepable(json.dumps(e)) for e in first + rest}
+    good_bodies = {kept(json.dumps(e)) for e in first + rest}
     for body, n in want.items():
         reasons = by_body.get(body, [])
         bad.missing += max(0, n - len(reasons))
@@ -391,7 +397,8 @@ def run_hostile(inst: Instance, bus: RawInbox | RawAmqp, workload: Workload, bad
         bad.extra += len(by_body[body])
         _note(examples, f"listed but never sent as a bad event: {body[:200]!r}")
     bad.replays = sum(1 for h in everything if not h.rejected)
-    bad.replays_changed = sum(len(by_body.get(_keepable(decode(h.body)), [])) for h in everything if not h.rejected)
+    bad.replays_changed = sum(len(by_body.get(kept(h.body), [])) for h in everything if not h.rejected)
+    bad.oversized = sum(1 for row in listed if len(row["body"]) > MAX_REJECTED_BODY * 6)  # \u0000 escapes: 6x
     return tally, bad, examples
 
 
@@ -450,6 +457,7 @@ def test_hostile_events_embedded(embedded: Instance) -> None:
     assert hostile.sent >= 10_000
     problems = tally.problems() + [hostile.line()] * bool(
         hostile.missing or hostile.extra or hostile.unreadable or hostile.internal or hostile.replays_changed
+        or hostile.oversized
         or hostile.crashes)
     assert not problems, "\n".join([*problems, *examples])
 
@@ -479,6 +487,7 @@ def test_hostile_events_rabbitmq(scaled: Instance, smtp_server: CaptureServer) -
           + "".join(f"\n  SERVE EXIT {c.returncode}: {error_line(c.tail)[:400]}" for c in tally.crashes[:3]))
     problems = tally.problems() + [hostile.line()] * bool(
         hostile.missing or hostile.extra or hostile.unreadable or hostile.internal or hostile.replays_changed
+        or hostile.oversized
         or hostile.crashes)
     assert not problems, "\n".join(p[:3000] for p in [*problems, *examples])
 

@@ -24,13 +24,14 @@ FIELDS: dict[str, tuple[str, int]] = {
     "executable": ("line", 4096), "worker": ("line", 200), "leaf": ("line", 255),
     "error": ("text", 65536), "upload_log": ("text", MIB), "result": ("text", MIB),
     "build_ids": ("build_ids", 512), "priority": ("priority", 1000), "transient": ("bool", 0),
+    "attempt": ("attempt", 2**31 - 1),
 }
 VALID: dict[str, Any] = {
     "crash_id": "crash-1", "creator": "mark@example.com", "package": "cdrkit", "version": "1.0-2ubuntu1",
     "architecture": "amd64", "release": "noble", "core": "/srv/crashes/1/core", "executable": "/usr/bin/cdrecord",
     "worker": "worker-1", "leaf": "upload-20261121", "error": "gdb failed\nwith detail",
     "upload_log": "Rejected:\n  unknown build-id", "result": "#0 main () at main.c:3",
-    "build_ids": ["0123456789abcdef"], "priority": 5, "transient": True,
+    "build_ids": ["0123456789abcdef"], "priority": 5, "transient": True, "attempt": 1,
 }
 # A value of the right size that also satisfies the field's pattern, for the length boundaries.
 SIZED: dict[str, Any] = {}
@@ -383,7 +384,7 @@ class TestKnownCrashes:
 
     def test_lone_surrogate(self) -> None:
         """A string field carrying a lone UTF-16 surrogate (not storable as UTF-8) is refused naming the field."""
-        body = json.dumps(envelope("retrace.started")).replace('"worker-1"}', '"w\\ud800"}')
+        body = json.dumps(envelope("retrace.started")).replace('"worker": "worker-1"', '"worker": "w\\ud800"')
         assert '"w\\ud800"' in body
         assert problem(body).startswith("data.worker ")
 

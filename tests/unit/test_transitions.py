@@ -149,7 +149,8 @@ def make_world(tmp_path: Path, db_url: str) -> Any:
 
     def make(**overrides: str) -> World:
         env = {"RETRACER__SERVICE__DATA_DIR": str(tmp_path / "data"), "RETRACER__DATABASE__URL": db_url,
-               "RETRACER__MAIL__ADMINS": "celso@example.com,foo.bar@example.com", **overrides}
+               "RETRACER__MAIL__ADMINS": "celso@example.com,foo.bar@example.com",
+               "RETRACER__SERVICE__START_REQUIRES_OFFER": "false", **overrides}
         w = World(cfg.load(environ=env))
         made.append(w)
         return w

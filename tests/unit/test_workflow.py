@@ -279,7 +279,7 @@ class TestOneMachine:
         for _ in range(1000):
             job = Job()
             wf.create(job, TriggerContext())
-            wf.fire(job, "start", TriggerContext(data={"worker": "w"}))
+            wf.fire(job, "start", TriggerContext(data={"worker": "w"}, offers_required=False))
             wf.fire(job, "heartbeat", TriggerContext())
             assert job.state == "RETRACING"
             refs.append(weakref.ref(job))
@@ -294,7 +294,7 @@ class TestOneMachine:
         a, b = Job(), Job()
         wf.create(a, TriggerContext())
         wf.create(b, TriggerContext())
-        wf.fire(a, "start", TriggerContext())
+        wf.fire(a, "start", TriggerContext(offers_required=False))
         assert (a.state, b.state) == ("RETRACING", "PENDING")
 
     def test_refused_trigger_leaves_the_job(self) -> None:

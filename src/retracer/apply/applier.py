@@ -84,6 +84,7 @@ class Applier:
         self.workflow = workflow or load()
         self.admins: list[str] = list(config["mail"]["admins"])
         self.creator_domains: list[str] = list(config["mail"]["creator_domains"])
+        self.offers_required = bool(config["service"]["start_requires_offer"])
 
     def policy(self, session: Session) -> FailurePolicy:
         """The failure policy now: the configuration's, with the admins' patterns read from the database."""
@@ -154,6 +155,9 @@ class Applier:
         for outcome in outcomes:
             if outcome.status == "rejected":
                 _log_rejected(outcome)
+            elif outcome.status == "stale":
+                log.info("stale", extra={"event_id": outcome.event_id, "event_type": outcome.event_type,
+                                         "job": outcome.job_id, "reason": outcome.reason})
         if batch.created_or_applied and log.isEnabledFor(logging.INFO):
             log.info("applied", extra={LINES: [
                 {"event_id": o.event_id, "event_type": o.event_type, "job": o.job_id, "trigger": o.trigger,
@@ -163,7 +167,7 @@ class Applier:
     def _apply(self, session: Session, event: ev.Event, body: Any, batch: _Batch, index: int,
                said: str, minted: bool) -> Outcome:
         ctx = TriggerContext(data=dict(event.data), by=f"event:{event.source}", event_id=event.id,
-                             load_policy=batch.load_policy)
+                             load_policy=batch.load_policy, offers_required=self.offers_required)
         new = event.type == "crash.submitted"
         if new and self.creator_domains and not addresses.in_domains(event.data["creator"], self.creator_domains):
             return self.reject(session, body, event, (
@@ -176,6 +180,10 @@ class Applier:
                 change = self.workflow.create(job, ctx)
             else:
                 job = batch.jobs.get(event.job or 0) or self._job(session, event.job)
+                if (stale := _stale(event, job)) is not None:
+                    batch.markers[index] = {"event_id": event.id, "job_id": job.id, "outcome": "stale",
+                                            "at": batch.now, "digest": said}
+                    return Outcome("stale", event.id, event.type, job.id, reason=stale)
                 trigger = self._trigger_for(event.type, job)
                 change = self.workflow.fire(job, trigger, ctx)
         except RetracerError as exc:
@@ -305,6 +313,17 @@ class Applier:
             bulk.insert_rows(conn, _HISTORY_TABLE, rows)
             bulk.insert_rows(conn, _MAIL_TABLE, mails)
         bulk.insert_rows(conn, _MARKER_TABLE, list(batch.markers.values()))
+
+
+def _stale(event: ev.Event, job: Job) -> str | None:
+    """Why ``event`` comes from an attempt that is no longer ``job``'s current one (a worker presumed dead that
+    woke up, an upload of an abandoned attempt), or None. Such an event changes nothing and is no error: its
+    marker says "stale", and serve logs and counts it."""
+    attempt = event.data.get("attempt")
+    if attempt is None or attempt == job.attempts + 1:
+        return None
+    return (f"attempt {attempt} of job {job.id} is not its current attempt ({job.attempts + 1}): "
+            f"this event changes nothing")
 
 
 def digest(event: ev.Event) -> str:

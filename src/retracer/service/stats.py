@@ -14,11 +14,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Stats(Hooks):
-    """Events applied, duplicate and rejected, batches, and what each chore did."""
+    """Events applied, duplicate, rejected and stale (from an attempt no longer current), batches, and what
+    each chore did."""
 
     applied: int = 0
     duplicate: int = 0
     rejected: int = 0
+    stale: int = 0
     batches: int = 0
     chores: dict[str, int] = field(default_factory=dict)
 
@@ -34,4 +36,4 @@ class Stats(Hooks):
 
     def as_dict(self) -> dict[str, object]:
         return {"applied": self.applied, "duplicate": self.duplicate, "rejected": self.rejected,
-                "batches": self.batches, "chores": dict(self.chores)}
+                "stale": self.stale, "batches": self.batches, "chores": dict(self.chores)}

@@ -38,7 +38,9 @@ class Instance:
         self.env = {**os.environ, "RETRACER__SERVICE__DATA_DIR": str(data_dir),
                     "RETRACER__DATABASE__URL": db_url,
                     "RETRACER__MAIL__ADMINS": "celso@example.com,foo.bar@example.com",
-                    "RETRACER__SERVICE__POLL_INTERVAL_S": "0.2"}
+                    "RETRACER__SERVICE__POLL_INTERVAL_S": "0.2",
+                    # Workloads start jobs with events of their own, not only the ones serve offers.
+                    "RETRACER__SERVICE__START_REQUIRES_OFFER": "false"}
         self.env.pop("RETRACER_CONFIG", None)
         self.names: dict[str, str] = {}
         self.amqp_url = amqp_url

@@ -21,12 +21,14 @@ class TriggerContext:
 
     def __init__(self, data: dict[str, Any] | None = None, by: str = "", reason: str | None = None,
                  event_id: str | None = None, policy: FailurePolicy | None = None,
-                 load_policy: Callable[[], FailurePolicy] | None = None) -> None:
+                 load_policy: Callable[[], FailurePolicy] | None = None, offers_required: bool = True) -> None:
         self.data = data if data is not None else {}
         self.by = by
         self.reason = reason
         self.event_id = event_id
         self.load_policy = load_policy
+        # [service] start_requires_offer: a worker may start only a job the dispatcher offered.
+        self.offers_required = offers_required
         # Filled by guards that classify (is_transient) so effects and mails can say what matched.
         self.notes: dict[str, Any] = {}
         self._policy = policy

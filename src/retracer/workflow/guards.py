@@ -36,6 +36,11 @@ def is_transient(job: Job, ctx: TriggerContext) -> bool:
     return verdict.transient
 
 
+def was_offered(job: Job, ctx: TriggerContext) -> bool:
+    """A worker may start only a job the dispatcher offered it (so max_parallel holds)."""
+    return not ctx.offers_required or job.dispatched_at is not None
+
+
 def has_attempts_left(job: Job, ctx: TriggerContext) -> bool:
     """The attempt that just failed was not the last one the policy allows."""
     return ctx.policy.attempts_left(job.attempts)
@@ -46,4 +51,5 @@ GUARDS: dict[str, Guard] = {
     "has_reason": has_reason,
     "is_transient": is_transient,
     "has_attempts_left": has_attempts_left,
+    "was_offered": was_offered,
 }
