@@ -155,8 +155,9 @@ TYPES: dict[str, tuple[bool, dict[str, Check], dict[str, Check]]] = {
     "retrace.heartbeat": (True, {"worker": NAME}, {"attempt": _attempt}),
     "retrace.failed": (True, {"error": _long_text(65536)}, {"transient": _bool, "worker": NAME,
                                                           "attempt": _attempt}),
-    "upload.accepted": (True, {"leaf": LEAF}, {"result": _long_text(1024 * 1024)}),
-    "upload.failed": (True, {"leaf": LEAF, "upload_log": _long_text(1024 * 1024)}, {}),
+    "upload.accepted": (True, {"leaf": LEAF}, {"result": _long_text(1024 * 1024), "attempt": _attempt,
+                                               "signature": _text(1024), "address_signature": _text(4096)}),
+    "upload.failed": (True, {"leaf": LEAF, "upload_log": _long_text(1024 * 1024)}, {"attempt": _attempt}),
 }
 
 

@@ -21,7 +21,8 @@ from retracer.workflow import load_spec
 JOB_FIELDS = ("id", "state", "crash_id", "creator", "package", "version", "architecture", "release", "core",
               "executable", "build_ids", "priority", "manual_priority", "attempts", "not_before",
               "dispatched_at", "last_heartbeat", "worker", "upload_leaf", "upload_log", "hold_reason",
-              "last_error", "failure_pattern", "created_at", "started_at", "finished_at")
+              "last_error", "failure_pattern", "created_at", "started_at", "finished_at", "signature",
+              "address_signature", "duplicate_of", "core_check")
 
 
 def job_dict(job: Job) -> dict[str, Any]:
@@ -40,11 +41,14 @@ def history_of(session: Session, job_id: int) -> list[History]:
     return list(session.scalars(select(History).where(History.job_id == job_id).order_by(History.id)))
 
 
-def jobs(session: Session, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """Jobs newest first, all or in one state."""
+def jobs(session: Session, state: str | None = None, limit: int = 100,
+         duplicates_of: int | None = None) -> list[dict[str, Any]]:
+    """Jobs newest first: all, in one state, or the duplicates of one job."""
     stmt = select(Job).order_by(Job.id.desc()).limit(limit)
     if state:
         stmt = stmt.where(Job.state == state)
+    if duplicates_of is not None:
+        stmt = stmt.where(Job.duplicate_of == duplicates_of)
     return [job_dict(j) for j in session.scalars(stmt)]
 
 

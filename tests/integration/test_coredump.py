@@ -17,6 +17,7 @@ from elftools.elf.sections import NoteSection
 
 from retracer.worker import coredump
 from retracer.worker.coredump import CoreFileError
+from tests.unit.clirun import Retracer
 
 from ..conftest import IN_CI
 
@@ -175,3 +176,22 @@ class TestHostileCores:
         assert refused > 0, "no mutation was refused: the fuzzing reached nothing"
         assert time.monotonic() - started < 30
 
+
+
+class TestSubmission:
+    def test_a_visible_core_gives_the_build_ids(self, crash: tuple[Path, Path], tmp_path: Path) -> None:
+        """A core readable where the crash is submitted is read: the job's build-ids are the core's, whatever
+        the submitter listed, and show says the core was read."""
+        exe, core = crash
+        rt = Retracer({"RETRACER__SERVICE__DATA_DIR": str(tmp_path / "data"),
+                       "RETRACER__MAIL__ADMINS": "celso@example.com"})
+        assert rt.run("db upgrade").exit_code == 0
+        job = int(rt.args(
+            "submit", "--crash-id", "c1", "--creator", "m@example.org", "--package", "crashy", "--version", "1",
+            "--architecture", "amd64", "--release", "r", "--core", str(core), "--executable", str(exe),
+            "--build-id", "0123abcd"))
+        shown = rt.json(f"show {job}")
+        assert shown["core_check"] == "read"
+        assert shown["build_ids"] == coredump.build_ids(core)
+        assert executable_build_id(exe) in shown["build_ids"]
+        assert "not readable" not in rt.ok(f"show {job}")

@@ -24,7 +24,7 @@ FIELDS: dict[str, tuple[str, int]] = {
     "executable": ("line", 4096), "worker": ("line", 200), "leaf": ("line", 255),
     "error": ("text", 65536), "upload_log": ("text", MIB), "result": ("text", MIB),
     "build_ids": ("build_ids", 512), "priority": ("priority", 1000), "transient": ("bool", 0),
-    "attempt": ("attempt", 2**31 - 1),
+    "attempt": ("attempt", 2**31 - 1), "signature": ("line", 1024), "address_signature": ("line", 4096),
 }
 VALID: dict[str, Any] = {
     "crash_id": "crash-1", "creator": "mark@example.com", "package": "cdrkit", "version": "1.0-2ubuntu1",
@@ -32,6 +32,7 @@ VALID: dict[str, Any] = {
     "worker": "worker-1", "leaf": "upload-20261121", "error": "gdb failed\nwith detail",
     "upload_log": "Rejected:\n  unknown build-id", "result": "#0 main () at main.c:3",
     "build_ids": ["0123456789abcdef"], "priority": 5, "transient": True, "attempt": 1,
+    "signature": "/usr/bin/cdrecord:11:main", "address_signature": "0123abcd+0x1139",
 }
 # A value of the right size that also satisfies the field's pattern, for the length boundaries.
 SIZED: dict[str, Any] = {}

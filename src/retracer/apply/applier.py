@@ -7,8 +7,6 @@ or refused event is kept in ``rejected`` with its reason, in the same transactio
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +19,13 @@ from sqlalchemy.orm import Session
 
 from retracer import addresses
 from retracer import events as ev
+from retracer.apply.verdicts import digest, is_stale, kept_body, note_duplicate
 from retracer.config import Config
 from retracer.errors import InvalidEvent, JobNotFound, RetracerError, TransitionRefused
 from retracer.logs import LINES
 from retracer.mail.rows import mail_rows
 from retracer.store import bulk
 from retracer.store.models import (
-    MAX_REJECTED_BODY,
     History,
     Job,
     JobRecord,
@@ -37,6 +35,7 @@ from retracer.store.models import (
     SpuriousPattern,
     utcnow,
 )
+from retracer.worker.submission import READ, check_core
 from retracer.workflow import Change, FailurePolicy, TriggerContext, Workflow, load
 from retracer.workflow.effects import EFFECTS
 
@@ -74,6 +73,8 @@ class _Batch:
     markers: dict[int, dict[str, Any]] = field(default_factory=dict)
     given: Sequence[int | None] | None = None
     history: list[tuple[dict[str, Any], Job, list[dict[str, Any]]]] = field(default_factory=list)
+    #: Signatures accepted in this batch (its jobs are written at its end, so a query would not see them).
+    signatures: dict[str, int] = field(default_factory=dict)
 
 
 class Applier:
@@ -174,17 +175,26 @@ class Applier:
                 f"creator {event.data['creator']} is not at a domain this site mails ([mail] creator_domains: "
                 f"{', '.join(self.creator_domains)}); fix the submitter, or add the domain and replay the event"),
                 logged=False, said=said, minted=minted)
+        if new:
+            core = check_core(event.data["core"])
+            if core.refused is not None:
+                return self.reject(session, body, event, f"{core.refused}; the crash was not submitted",
+                                   logged=False, said=said, minted=minted)
+            if core.status == READ:
+                ctx.data["build_ids"] = list(core.build_ids)
+            ctx.notes["core_check"] = core.status
         try:
             if new:
                 job = _new_job()
                 change = self.workflow.create(job, ctx)
             else:
                 job = batch.jobs.get(event.job or 0) or self._job(session, event.job)
-                if (stale := _stale(event, job)) is not None:
+                if (stale := is_stale(event, job)) is not None:
                     batch.markers[index] = {"event_id": event.id, "job_id": job.id, "outcome": "stale",
                                             "at": batch.now, "digest": said}
                     return Outcome("stale", event.id, event.type, job.id, reason=stale)
                 trigger = self._trigger_for(event.type, job)
+                note_duplicate(session, job, ctx, batch.signatures)
                 change = self.workflow.fire(job, trigger, ctx)
         except RetracerError as exc:
             return self.reject(session, body, event, str(exc), logged=False, said=said, minted=minted)
@@ -242,8 +252,9 @@ class Applier:
         job = self._job(session, job_id, lock=True)
         load_policy = cache(lambda: policy or self.policy(session))
         ctx = TriggerContext(data=dict(data or {}), by=by, reason=reason, event_id=event_id, load_policy=load_policy)
-        change = self.workflow.fire(job, trigger, ctx)
         batch = _Batch(jobs={job.id: job}, now=utcnow(), load_policy=load_policy, touched={job.id})
+        note_duplicate(session, job, ctx, batch.signatures)
+        change = self.workflow.fire(job, trigger, ctx)
         try:
             self._record(session, job, change, ctx, batch, mail=mail)
         except KeyError as exc:
@@ -313,36 +324,6 @@ class Applier:
             bulk.insert_rows(conn, _HISTORY_TABLE, rows)
             bulk.insert_rows(conn, _MAIL_TABLE, mails)
         bulk.insert_rows(conn, _MARKER_TABLE, list(batch.markers.values()))
-
-
-def _stale(event: ev.Event, job: Job) -> str | None:
-    """Why ``event`` comes from an attempt that is no longer ``job``'s current one (a worker presumed dead that
-    woke up, an upload of an abandoned attempt), or None. Such an event changes nothing and is no error: its
-    marker says "stale", and serve logs and counts it."""
-    attempt = event.data.get("attempt")
-    if attempt is None or attempt == job.attempts + 1:
-        return None
-    return (f"attempt {attempt} of job {job.id} is not its current attempt ({job.attempts + 1}): "
-            f"this event changes nothing")
-
-
-def digest(event: ev.Event) -> str:
-    """What ``event`` says, as a digest of its canonical form (the same for a copy serialized otherwise)."""
-    return hashlib.sha256(event.to_json().encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def kept_body(body: Any) -> dict[str, Any]:
-    """The columns of a rejected event's body: whole when short, else its first MAX_REJECTED_BODY characters,
-    with the whole body's size in bytes and its SHA-256 either way."""
-    if isinstance(body, bytes | bytearray):
-        raw = bytes(body)
-        text = raw[:MAX_REJECTED_BODY * 4].decode("utf-8", "replace")
-    else:
-        text = body if isinstance(body, str) else json.dumps(body, default=str)
-        raw = text.encode("utf-8", "surrogatepass")
-    truncated = len(text) > MAX_REJECTED_BODY or len(raw) > MAX_REJECTED_BODY * 4
-    return {"body": ev.storable(text[:MAX_REJECTED_BODY]), "body_bytes": len(raw),
-            "body_sha256": hashlib.sha256(raw).hexdigest(), "truncated": truncated}
 
 
 def _log_rejected(outcome: Outcome) -> None:

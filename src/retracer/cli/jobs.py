@@ -31,6 +31,7 @@ from retracer.cli.context import (
 )
 from retracer.errors import InvalidEvent, RetracerError
 from retracer.store.models import STATES, History, Job, utcnow
+from retracer.worker.submission import UNREADABLE
 from retracer.workflow import load, load_spec, mermaid
 
 
@@ -104,18 +105,21 @@ def _refuse_duplicate(session: Session, crash_id: str) -> None:
 
 @cli.command("jobs")
 @click.option("--state", type=click.Choice(STATES), default=None, help="Only jobs in this state.")
+@click.option("--duplicates-of", type=ROW_ID, default=None, metavar="JOB",
+              help="Only the jobs recorded as duplicates of JOB (the same crash signature).")
 @click.option("--limit", type=ROW_LIMIT, default=100, show_default=True)
 @json_option
 @pass_app
-def jobs_cmd(app: AppContext, state: str | None, limit: int, as_json: bool) -> None:
+def jobs_cmd(app: AppContext, state: str | None, duplicates_of: int | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
     with app.transaction() as session:
-        found = reports.jobs(session, state, limit)
+        found = reports.jobs(session, state, limit, duplicates_of)
     if as_json:
         emit_json(found)
         return
     if not found:
-        click.echo("no jobs" + (f" in {state}" if state else ""))
+        click.echo("no jobs" + (f" in {state}" if state else "")
+                   + (f" recorded as duplicates of job {duplicates_of}" if duplicates_of else ""))
         return
     click.echo(table(["ID", "STATE", "CRASH", "PACKAGE", "VERSION", "ARCH", "PRIO", "TRIES"],
                      [[j["id"], j["state"], j["crash_id"], j["package"], j["version"], j["architecture"],
@@ -141,12 +145,17 @@ def show(app: AppContext, job_id: int, as_json: bool) -> None:
     for label, key in [("Creator", "creator"), ("Core", "core"), ("Executable", "executable"),
                        ("Priority", "priority"), ("Attempts", "attempts"), ("Worker", "worker"),
                        ("Not before", "not_before"), ("Upload", "upload_leaf"), ("Hold reason", "hold_reason"),
-                       ("Last error", "last_error"), ("Pattern", "failure_pattern")]:
+                       ("Last error", "last_error"), ("Pattern", "failure_pattern"), ("Signature", "signature"),
+                       ("Duplicate", "duplicate_of")]:
         value = data[key]
         if key == "priority" and data["manual_priority"]:
             value = f"{value} (set by an admin, sticky)"
         if key == "not_before" and data["state"] != spec.roles.queue:
             continue  # a retry time means nothing once the job has left the queue
+        if key == "core" and data["core_check"] == UNREADABLE:
+            value = f"{value} (not readable where it was submitted: build-ids as submitted)"
+        if key == "duplicate_of" and value is not None:
+            value = f"of job {value} (the same crash signature)"
         if value not in (None, "", []):
             shown = when(value) if key == "not_before" else str(value)
             # A worker's error is several lines: they stay lines, under the first; any other field is one.

@@ -76,7 +76,7 @@ def snapshot(workflow: Workflow, job: Job, change: Change, at: datetime, actor: 
         "duration_s": duration, "worker": job.worker, "attempts": job.attempts,
         "upload_leaf": job.upload_leaf, "upload_log": job.upload_log, "hold_reason": job.hold_reason,
         "failure_pattern": job.failure_pattern, "last_error": job.last_error,
-        "at": at.isoformat(),
+        "signature": job.signature, "duplicate_of": job.duplicate_of, "at": at.isoformat(),
     }
 
 

@@ -115,6 +115,14 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     failure_pattern: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The crash's signatures from its accepted upload: symbolic (executable, signal, top functions) and by
+    # address (module build-id + offset per frame); a job with an earlier job's signature is its duplicate.
+    signature: Mapped[str | None] = mapped_column(String(1024), nullable=True, index=True)
+    address_signature: Mapped[str | None] = mapped_column(Text, nullable=True)
+    duplicate_of: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    # Whether serve could read the core when the crash was submitted: "read" (build-ids taken from it) or
+    # "unreadable" (kept as given: workers may see storage that serve does not); None before this was kept.
+    core_check: Mapped[str | None] = mapped_column(String(20), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -60,6 +60,7 @@ class Inspection:
         self.crash_id: str | None = None
         self.build_ids: list[str] | None = None
         self.worker: str | None = None
+        self.extra: dict[str, object] = {}
         self.raw: bytes | None = None
         self.text: str | None = None
         self.frames = 0
@@ -257,6 +258,7 @@ def _read_manifest(fd: int, est: os.stat_result, limits: Limits, inspection: Ins
     inspection.crash_id = found.crash_id
     inspection.build_ids = found.build_ids
     inspection.worker = found.worker
+    inspection.extra = found.extra
     return raw
 
 

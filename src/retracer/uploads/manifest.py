@@ -1,4 +1,5 @@
-"""What an upload's manifest.json must hold: four fields, each checked, every problem named.
+"""What an upload's manifest.json must hold: four fields, and may hold three more (the attempt and the crash's
+signatures, which `retracer worker` writes), each checked, every problem named.
 
 The manifest is written by a worker, which is not trusted: any JSON value can stand in any field, and none of
 them may make the check raise. A value is quoted back in the upload log only escaped and cut short.
@@ -7,12 +8,17 @@ them may make the check raise. A value is quoted back in the upload log only esc
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from retracer.events import HEX, MAX_JOB_ID
 from retracer.uploads.files import MANIFEST
 
 MANIFEST_KEYS = ("job", "crash_id", "build_ids", "worker")
+#: Optional: the attempt the work request named, and the crash's symbolic and address signatures.
+OPTIONAL_KEYS = ("attempt", "signature", "address_signature")
+#: The longest signatures kept (the event contract's limits for upload.accepted).
+MAX_SIGNATURE = 1024
+MAX_ADDRESS_SIGNATURE = 4096
 #: A manifest is four short fields; anything bigger is not one (and json.loads must not chew on megabytes).
 MAX_MANIFEST_BYTES = 64 * 1024
 
@@ -25,6 +31,8 @@ class Manifest:
     crash_id: str | None = None
     build_ids: list[str] | None = None
     worker: str | None = None
+    #: The optional keys that passed their checks.
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 def parse_manifest(raw: bytes, problems: list[str]) -> Manifest:
@@ -44,9 +52,11 @@ def parse_manifest(raw: bytes, problems: list[str]) -> Manifest:
         problems.append(f"{MANIFEST}: must be a JSON object, not {type(data).__name__}; write an object with "
                         f"{', '.join(MANIFEST_KEYS)}")
         return found
-    extra = sorted(str(k)[:80] for k in data if k not in MANIFEST_KEYS)
+    extra = sorted(str(k)[:80] for k in data if k not in MANIFEST_KEYS and k not in OPTIONAL_KEYS)
     if extra:
-        problems.append(f"{MANIFEST}: unknown keys {extra[:10]}; a manifest holds only {', '.join(MANIFEST_KEYS)}")
+        problems.append(f"{MANIFEST}: unknown keys {extra[:10]}; a manifest holds only "
+                        f"{', '.join(MANIFEST_KEYS + OPTIONAL_KEYS)}")
+    _optional(data, found, problems)
     for key in MANIFEST_KEYS:
         if key not in data:
             problems.append(f"{MANIFEST}: {key} is missing; a manifest holds {', '.join(MANIFEST_KEYS)}")
@@ -83,6 +93,25 @@ def parse_manifest(raw: bytes, problems: list[str]) -> Manifest:
     return found
 
 
+def _optional(data: dict[str, object], found: Manifest, problems: list[str]) -> None:
+    attempt = data.get("attempt")
+    if "attempt" in data:
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or not 0 < attempt <= MAX_JOB_ID:
+            problems.append(f"{MANIFEST}: attempt is {short(attempt)}, not a positive integer; write the attempt "
+                            f"the work request carried")
+        else:
+            found.extra["attempt"] = attempt
+    for key, limit in (("signature", MAX_SIGNATURE), ("address_signature", MAX_ADDRESS_SIGNATURE)):
+        value = data.get(key)
+        if key not in data or value is None:
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value) > limit or _has_control(value):
+            problems.append(f"{MANIFEST}: {key} is {short(value)}, not a signature (one line of at most {limit} "
+                            f"characters); write it as `retracer worker` does, or leave it out")
+        else:
+            found.extra[key] = value
+
+
 def short(value: object) -> str:
     """A value for an upload log: escaped (one line, no lone surrogate) and at most 80 characters."""
     try:
@@ -93,4 +122,4 @@ def short(value: object) -> str:
 
 
 def _has_control(text: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+    return any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in text)

@@ -73,6 +73,8 @@ class UploadResult:
     problems: tuple[str, ...] = field(default=())
     #: There was no upload of that name to process: nothing was read, and there is nothing to file away.
     missing: bool = False
+    #: The manifest's optional keys that passed their checks (attempt, signature, address_signature).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def event_type(self) -> str:
@@ -81,12 +83,13 @@ class UploadResult:
 
     def to_event_data(self) -> dict[str, Any]:
         """The ``data`` of the event that reports this outcome."""
+        attempt = {"attempt": self.extra["attempt"]} if "attempt" in self.extra else {}
         if self.accepted:
-            data: dict[str, Any] = {"leaf": self.leaf}
+            data: dict[str, Any] = {"leaf": self.leaf, **self.extra}
             if self.result:
                 data["result"] = self.result
             return data
-        return {"leaf": self.leaf, "upload_log": self.upload_log}
+        return {"leaf": self.leaf, "upload_log": self.upload_log, **attempt}
 
     def summary(self) -> str:
         """One line saying what happened (or would happen) to the upload."""
@@ -159,7 +162,8 @@ def process(spool_dir: str | os.PathLike[str], leaf: str,
         # The events contract requires a non-empty upload log; every refusal above records a problem.
         log = _cap("\n".join(problems) or "the upload was refused; process it again with --dry-run to see why")
     outcome = UploadResult(leaf, job_id, accepted, log, result_text, None, dry_run, source=source,
-                           stored_at=stored_at, digest=inspection.digest, problems=tuple(problems))
+                           stored_at=stored_at, digest=inspection.digest, problems=tuple(problems),
+                           extra=dict(inspection.extra))
     return file_away(root, outcome) if move else outcome
 
 

@@ -33,6 +33,7 @@ def create(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str 
     job.manual_priority = False
     job.attempts = 0
     job.created_at = now
+    job.core_check = ctx.notes.get("core_check")
     return None
 
 
@@ -53,12 +54,18 @@ def worker_alive(job: Job, change: Change, ctx: TriggerContext, now: datetime) -
 
 
 def uploaded(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
-    """The result is stored: its leaf and text; the upload log of an earlier refusal is cleared."""
+    """The result is stored: its leaf, text and signatures; the upload log of an earlier refusal is cleared. A
+    job whose signature an earlier job has (the apply path looks it up) is recorded as that job's duplicate."""
     job.upload_leaf = ctx.data.get("leaf", job.upload_leaf)
     job.result = ctx.data.get("result", job.result)
     job.upload_log = None
     job.finished_at = now
-    return None
+    if ctx.data.get("signature"):
+        job.signature = ctx.data["signature"]
+        job.address_signature = ctx.data.get("address_signature")
+    duplicate = ctx.notes.get("duplicate_of")
+    job.duplicate_of = duplicate
+    return f"duplicate of job {duplicate} (the same crash signature)" if duplicate else None
 
 
 def upload_refused(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
