@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from retracer.mail.sender import MARK_BATCH
 from retracer.testing.instance import Instance
 from retracer.testing.smtp import CaptureServer
 
@@ -161,8 +162,9 @@ def test_postgresql_restart_mid_stream(scaled: Instance, smtp_server: CaptureSer
     finally:
         supervisor.stop()
     tally.crashes = []  # judged below: an exit with a clear message is allowed
-    # A mail accepted by the server whose "sent" mark failed in the outage is sent again (same Message-ID).
-    problems = tally.problems(allow_smtp_resends=4) + unclear(
+    # Mails accepted by the server whose "sent" marks failed in the outage are sent again (same Message-ID): at
+    # most one commit's worth of marks.
+    problems = tally.problems(allow_smtp_resends=MARK_BATCH) + unclear(
         exits, re.compile(r"database|PostgreSQL|postgres|5432", re.IGNORECASE))
     assert not problems, "\n".join(p[:3000] for p in problems)
 

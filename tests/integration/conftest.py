@@ -38,3 +38,174 @@ def instance(request: pytest.FixtureRequest) -> Instance:
     """Each test runs in both modes."""
     inst: Instance = request.getfixturevalue(request.param)
     return inst
+
+
+# -- The retrace engine's real crash and symbol server (tests/integration/test_retrace.py) ---------------------
+# Imported here, with the fixtures they serve, so that the fixtures above stay as they were.
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from ..conftest import IN_CI  # noqa: E402
+
+#: A NULL dereference five calls deep, so that the top five frames are all the program's own functions.
+CRASH_SOURCE = """\
+#include <stdio.h>
+#include <stdlib.h>
+struct thing { int value; };
+int read_value(struct thing *t) { return t->value; }
+int compute(struct thing *t, int n) { return read_value(t) * n; }
+int parse(struct thing *t, int n) { return compute(t, n + 1) + 1; }
+int handle(struct thing *t, int n) { return parse(t, n) - 1; }
+int main(int argc, char **argv) {
+    struct thing *t = argc > 5 ? malloc(sizeof *t) : NULL;
+    printf("%d\\n", handle(t, argc));
+    return argv == NULL;
+}
+"""
+
+
+@dataclass(frozen=True)
+class CrashBuild:
+    """A crashing C program built with -g, stripped, its debug file kept apart, and two cores of its crash."""
+
+    executable: Path
+    build_id: str
+    debug_file: Path
+    cores: tuple[Path, Path]
+
+    def install_debug(self, debug_dir: Path) -> Path:
+        """Put the debug file at ``debug_dir/.build-id/xx/rest.debug`` (where gdb and debuginfod look)."""
+        target = debug_dir / ".build-id" / self.build_id[:2] / f"{self.build_id[2:]}.debug"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.debug_file, target)
+        return debug_dir
+
+
+def _need_tools(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        (pytest.fail if IN_CI else pytest.skip)(f"{', '.join(missing)} not installed (apt-get install gcc gdb "
+                                                f"binutils)")
+
+
+def make_core(executable: Path, core: Path) -> Path:
+    """A core of executable's crash written by gdb, with address-space randomisation left on."""
+    subprocess.run(["gdb", "-nx", "-batch", "-ex", "set disable-randomization off", "-ex", "run",
+                    "-ex", f"generate-core-file {core}", str(executable)],
+                   cwd=core.parent, capture_output=True, check=False, timeout=120)
+    if not core.exists():
+        pytest.skip("gdb could not write a core here (ptrace refused?)")
+    return core
+
+
+def build_crash(where: Path, source: str = CRASH_SOURCE, name: str = "prog") -> tuple[Path, Path, str]:
+    """(stripped executable, debug file, build-id) of ``source`` compiled in ``where``."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"{name}.c").write_text(source, encoding="utf-8")
+    full = where / f"{name}.full"
+    subprocess.run(["gcc", "-g", "-O0", "-fPIE", "-pie", "-Wl,--build-id", "-o", str(full), str(where / f"{name}.c")],
+                   check=True)
+    # Outside bin/: gdb also looks for a debug link's file next to the executable.
+    keep = where / "keep"
+    keep.mkdir(exist_ok=True)
+    debug = keep / f"{name}.debug"
+    subprocess.run(["objcopy", "--only-keep-debug", str(full), str(debug)], check=True)
+    bin_dir = where / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / name
+    subprocess.run(["objcopy", "--strip-all", f"--add-gnu-debuglink={debug}", str(full), str(exe)], check=True)
+    out = subprocess.run(["readelf", "-n", str(exe)], capture_output=True, text=True, check=True).stdout
+    build_id = next(line.split()[-1] for line in out.splitlines() if "Build ID" in line)
+    return exe, debug, build_id
+
+
+@pytest.fixture(scope="module")
+def crash_build(tmp_path_factory: pytest.TempPathFactory) -> CrashBuild:
+    """The crashing program, stripped, and two cores of its crash made under different address layouts."""
+    _need_tools("gcc", "gdb", "objcopy", "readelf")
+    where = tmp_path_factory.mktemp("crash")
+    exe, debug, build_id = build_crash(where)
+    cores = (make_core(exe, where / "core.1"), make_core(exe, where / "core.2"))
+    return CrashBuild(exe, build_id, debug, cores)
+
+
+@dataclass
+class Debuginfod:
+    """A real debuginfod serving ``root``, alone in a network namespace of its own.
+
+    debuginfod listens on every address and has no option to choose one, so it runs in a new network
+    namespace whose only interface is its loopback: nothing outside this machine can reach it. gdb reaches
+    it through ``gdb_wrapper``, a script that enters the same namespace and runs the real gdb.
+    """
+
+    root: Path
+    pid: int
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def netns(self) -> str:
+        return f"/proc/{self.pid}/ns/net"
+
+    def gdb_wrapper(self, where: Path) -> Path:
+        gdb = shutil.which("gdb")
+        script = where / "gdb-in-netns"
+        script.write_text(f'#!/bin/sh\nexec nsenter --net={self.netns} -- {gdb} "$@"\n', encoding="utf-8")
+        script.chmod(0o755)
+        return script
+
+    def status(self, path: str) -> int:
+        """The HTTP status of GET path, asked from inside the namespace (0: no answer)."""
+        probe = ("import sys, urllib.request, urllib.error\n"
+                 "try:\n    print(urllib.request.urlopen(sys.argv[1], timeout=5).status)\n"
+                 "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+                 "except OSError:\n    print(0)\n")
+        out = subprocess.run(["nsenter", f"--net={self.netns}", "--", sys.executable, "-c", probe,
+                              self.url + path], capture_output=True, text=True, timeout=30, check=False)
+        return int(out.stdout.strip() or 0)
+
+    def wait_for(self, build_id: str, timeout: float = 60) -> None:
+        """Until the server has indexed build_id's debug file (it rescans its root every second)."""
+        deadline = time.monotonic() + timeout
+        while self.status(f"/buildid/{build_id}/debuginfo") != 200:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"debuginfod did not index {build_id} within {timeout} s")
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def debuginfod(tmp_path: Path) -> Iterator[Debuginfod]:
+    """debuginfod scanning an (empty) directory every second, in a network namespace of its own."""
+    _need_tools("debuginfod", "unshare", "nsenter", "ip")
+    root = tmp_path / "debuginfod-root"
+    root.mkdir()
+    port = 8002
+    log = open(tmp_path / "debuginfod.log", "wb")  # noqa: SIM115  (closed after the server stops)
+    # unshare and sh exec: the pid is debuginfod's, and its namespace is the one gdb_wrapper enters.
+    proc = subprocess.Popen(["unshare", "--net", "--", "sh", "-c",
+                             f"ip link set lo up && exec debuginfod -F -p {port} -d {tmp_path / 'debuginfod.db'} "
+                             f"-t 1 -g 0 -c 1 {root}"], stdout=log, stderr=subprocess.STDOUT)
+    server = Debuginfod(root, proc.pid, port)
+    try:
+        deadline = time.monotonic() + 30
+        while server.status("/metrics") != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                detail = (tmp_path / "debuginfod.log").read_text(errors="replace")[-2000:]
+                (pytest.fail if IN_CI else pytest.skip)(f"debuginfod did not start in a network namespace "
+                                                        f"(root needed for unshare --net): {detail}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

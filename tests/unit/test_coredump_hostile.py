@@ -241,7 +241,6 @@ class TestHugeClaimsOnSparseFiles:
         path = sparse(tmp_path / "core", bytes(data), 64 << 30)
         result = read_in_child(path)
         assert_refused(result, r"core: NT_FILE mapping 0 runs from 0x0 to 0x0, which is empty")
-        assert result["max_rss_kib"] < 300 << 10, result
 
 
 class TestAliasing:
@@ -260,7 +259,6 @@ class TestAliasing:
         result = read_in_child(path)
         assert (result["outcome"], result.get("build_ids")) == ("ok", []), result  # the core holds no memory
         assert result["seconds"] < SMALL_CORE_SECONDS, result
-        assert result["max_rss_kib"] < 300 << 10, result
 
     def test_overlapping_note_segments_refused(self, tmp_path: Path) -> None:
         """Note segments that overlap without being the same (each 4 bytes further in): no writer makes them,

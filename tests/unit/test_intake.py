@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
-from retracer import events
+from sqlalchemy import select
+
+from retracer import events, store
+from retracer.events import WORK_REQUEST
+from retracer.service.chores.dispatch import dispatch
+from retracer.store.models import Outbox
 from retracer.uploads import spool
 from retracer.uploads.intake import upload_event, upload_event_id
+from retracer.worker.request import Request, Retraced
+from retracer.worker.upload import leaf_for, manifest_for, write_upload
+from tests.unit.clirun import Retracer
 
 DIGEST = "ab" * 32
 ACCEPTED = spool.UploadResult("job-7-1", 7, True, "accepted: job 7", "#0 main () at a.c:1\n", None, False,
@@ -41,3 +50,23 @@ def test_a_long_leaf_still_makes_a_valid_event() -> None:
         event = events.parse(upload_event(long), minted=True)
         assert len(event.id) <= 200 and event.data["leaf"] == "j" * 255
         assert upload_event_id(long) != upload_event_id(replace(result, leaf="j" * 254))
+
+
+def test_an_upload_faster_than_its_started_event_waits(rt: Retracer) -> None:
+    """A worker's upload can reach the spool before serve applies its retrace.started (a fast retrace): while
+    the job's offer is fresh the upload waits in incoming/, and once the job is started it is accepted."""
+    job = rt.submit("c1")
+    with store.transaction(rt.factory) as session:
+        dispatch(session, rt.config)
+        body = json.loads(session.scalars(select(Outbox.body).where(Outbox.routing_key == WORK_REQUEST)).one())
+    request = Request.from_body(body)
+    leaf = leaf_for(request)
+    (rt.config.spool_dir / "incoming").mkdir(parents=True)
+    write_upload(rt.config.spool_dir, leaf, manifest_for(request, Retraced("#0  main () at c.c:3\n", "log"), "w"),
+                 "#0  main () at c.c:3\n", "log")
+    rt.ok("serve --until-idle --log-level ERROR")
+    assert (rt.config.spool_dir / "incoming" / leaf).is_dir()
+    assert rt.json(f"show {job}")["state"] == "PENDING"
+    rt.apply("retrace.started", job, worker="w", attempt=1)
+    rt.ok("serve --until-idle --log-level ERROR")
+    assert rt.json(f"show {job}")["state"] == "FULLYBUILT"

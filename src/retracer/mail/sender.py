@@ -54,7 +54,7 @@ _MAIL = cast(Table, Mail.__table__)
 #: GIL from the event loop (delivery ran at 0.29 of aiosmtplib's own rate); a process killed meanwhile
 #: re-sends at most these mails, each with its Message-ID.
 _MARK_WAIT_S = 0.02
-_MARK_BATCH = 100
+MARK_BATCH = 100
 
 
 @dataclass
@@ -307,7 +307,7 @@ class Sender:
                     wake.clear()
                     await wake.wait()
                     continue
-                if sending and len(outcomes) < _MARK_BATCH:
+                if sending and len(outcomes) < MARK_BATCH:
                     # Let a few more outcomes join this commit: each commit costs ~0.5 ms of Python (the
                     # transaction, the statement) that holds the GIL against the connections' I/O.
                     await asyncio.sleep(_MARK_WAIT_S)

@@ -30,10 +30,10 @@ from retracer import events as ev
 from retracer.apply.applier import Applier, Outcome
 from retracer.config import Config
 from retracer.errors import InvalidEvent, TransitionRefused, UploadRejected
-from retracer.store.models import Job, ProcessedEvent
+from retracer.store.models import Job, ProcessedEvent, utcnow
 from retracer.uploads import spool
 from retracer.uploads.files import ACCEPTED, FAILED, INCOMING, leaf_name_problem, lexists_in, open_lock
-from retracer.workflow import Change, Workflow
+from retracer.workflow import Change, Workflow, load_spec
 
 log = logging.getLogger("retracer.spool")
 
@@ -57,6 +57,11 @@ class Admin:
     by: str
     reason: str | None = None
     mail: bool = True
+
+
+class _NotYet(Exception):
+    """Raised from the job lookup for an upload whose job's retrace.started is still on its way: the upload
+    waits in incoming/ for the next round."""
 
 
 class _LeftForAdmin(Exception):
@@ -86,6 +91,17 @@ def expected_job(factory: sessionmaker[Session], job_id: int) -> spool.ExpectedJ
         if job is None:
             return None
         return spool.ExpectedJob(job.id, job.crash_id, list(job.build_ids or []), job.state)
+
+
+def _offer_in_flight(factory: sessionmaker[Session], job_id: int, config: Config) -> bool:
+    """Whether ``job_id`` is queued with an offer younger than the dispatch timeout: its worker's
+    retrace.started may not be applied yet (a fast retrace can upload before serve applies the event)."""
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != load_spec().roles.queue or job.dispatched_at is None:
+            return False
+        age = (utcnow() - job.dispatched_at).total_seconds()
+        return age < float(config["service"]["dispatch_timeout_s"])
 
 
 def _sha(text: str) -> str:
@@ -164,6 +180,8 @@ def process_incoming(config: Config, factory: sessionmaker[Session], apply: Appl
             job = expected_job(factory, job_id)
             if admin is None and job is not None and workflow.candidates(workflow.roles.rescue, job.state):
                 raise _LeftForAdmin(job)
+            if admin is None and job is not None and _offer_in_flight(factory, job_id, config):
+                raise _NotYet
             return job
 
         for name in leaves:
@@ -172,6 +190,8 @@ def process_incoming(config: Config, factory: sessionmaker[Session], apply: Appl
                                        move=False)
             except _LeftForAdmin as waiting:
                 _tell_left(config, name, waiting.job)
+                continue
+            except _NotYet:
                 continue
             except OSError as exc:  # refusals are results; this is an upload the checks could not even refuse
                 _stuck(config, name, f"it could not be processed ({exc})", "fix or remove it by hand", admin)
