@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from retracer.testing.instance import Instance
 
-from ..conftest import AMQP_URL, require_server
+from ..conftest import AMQP_URL, IN_CI, require_server
 
 
 @pytest.fixture
@@ -41,14 +46,6 @@ def instance(request: pytest.FixtureRequest) -> Instance:
 
 
 # -- The retrace engine's real crash and symbol server (tests/integration/test_retrace.py) ---------------------
-# Imported here, with the fixtures they serve, so that the fixtures above stay as they were.
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from ..conftest import IN_CI  # noqa: E402
 
 #: A NULL dereference five calls deep, so that the top five frames are all the program's own functions.
 CRASH_SOURCE = """\

@@ -265,33 +265,49 @@ def build_crash(where: Path) -> tuple[Path, Path, Path, str]:
     return exe, core, debug_dir, build_id
 
 
-def submit(inst: Instance, exe: Path, core: Path, build_id: str) -> int:
-    out = inst.run("submit", "--crash-id", "e2e-1", "--creator", "mark@example.com", "--package", "crash",
+def submit(inst: Instance, exe: Path, core: Path, build_id: str, crash_id: str = "e2e-1") -> int:
+    out = inst.run("submit", "--crash-id", crash_id, "--creator", "mark@example.com", "--package", "crash",
                    "--version", "1.0", "--architecture", "amd64", "--release", "noble", "--core", str(core),
                    "--executable", str(exe), "--build-id", build_id).stdout
     return int(out)
 
 
 class TestEndToEnd:
-    def test_worker_once_takes_the_job_to_fullybuilt(self, embedded: Instance, tmp_path: Path) -> None:
-        """serve dispatches, `retracer worker --once` retraces the real core with gdb and uploads, serve
-        accepts: FULLYBUILT, with a backtrace naming the source file."""
+    def test_a_stripped_binarys_core_ends_fullybuilt(self, instance: Instance, tmp_path: Path) -> None:
+        """In both modes, with the shipped rule that a worker starts only what it was offered: serve dispatches,
+        `retracer worker --once` retraces the real core of a binary without debug info (symbols from a
+        .build-id tree) and uploads, serve accepts: FULLYBUILT, the backtrace naming the source file and line.
+        A second crash with the same stack is recorded as the first one's duplicate."""
         exe, core, debug_dir, build_id = build_crash(tmp_path)
-        inst = embedded
-        inst.set(WORKER__DEBUG_DIRS=json.dumps([str(debug_dir)]), WORKER__NAME="e2e-worker")
+        second_core = tmp_path / "core-2"
+        subprocess.run(["gdb", "-nx", "-batch", "-ex", "run", "-ex", f"generate-core-file {second_core}", str(exe)],
+                       cwd=tmp_path, capture_output=True, check=True, timeout=120)
+        inst = instance
+        scaled = "RETRACER__BROKER__URL" in inst.env
+        inst.set(WORKER__DEBUG_DIRS=json.dumps([str(debug_dir)]), WORKER__NAME="e2e-worker",
+                 SERVICE__START_REQUIRES_OFFER="true")
         serve = inst.serve()
-        job = submit(inst, exe, core, build_id)
-        inst.wait_for("the work request", lambda: inst.scalar("SELECT count(*) FROM outbox") == 1)
-        out = inst.run("worker", "--once").stdout
-        assert out.startswith(f"job {job} attempt 1: retraced"), out
-        inst.wait_for("FULLYBUILT", lambda: inst.scalar("SELECT state FROM job WHERE id = :id", id=job)
-                      in ("FULLYBUILT", "FAILEDTOUPLOAD", "ON_HOLD"))
-        shown = inst.json("show", str(job))
-        assert shown["state"] == "FULLYBUILT", shown.get("upload_log") or shown.get("hold_reason")
-        stored = (inst.data_dir / "results" / str(job) / "backtrace.txt").read_text()
-        assert "crash.c" in stored and "crash_here" in stored
+        jobs = []
+        for n, path in enumerate((core, second_core), start=1):
+            job = submit(inst, exe, path, build_id, crash_id=f"e2e-{n}")
+            jobs.append(job)
+            # With a broker the request must have left the outbox for the work queue before --once looks.
+            offered = "SELECT count(*) FROM outbox" + (" WHERE sent_at IS NOT NULL" if scaled else "")
+            inst.wait_for("the work request", lambda n=n, q=offered: inst.scalar(q) >= n)  # type: ignore[misc]
+            out = inst.run("worker", "--once").stdout
+            assert out.startswith(f"job {job} attempt 1: retraced"), out
+            inst.wait_for("the upload's verdict", lambda job=job: inst.scalar(  # type: ignore[misc]
+                "SELECT state FROM job WHERE id = :id", id=job) in ("FULLYBUILT", "FAILEDTOUPLOAD", "ON_HOLD"))
+        first, second = (inst.json("show", str(j)) for j in jobs)
+        assert first["state"] == "FULLYBUILT", first.get("upload_log") or first.get("hold_reason")
+        assert second["state"] == "FULLYBUILT", second.get("upload_log") or second.get("hold_reason")
+        stored = (inst.data_dir / "results" / str(jobs[0]) / "backtrace.txt").read_text()
+        assert "crash_here" in stored and "crash.c:2" in stored, stored
+        assert first["signature"] and first["signature"] == second["signature"]
+        assert first["duplicate_of"] is None and second["duplicate_of"] == jobs[0]
+        assert first["core_check"] == "read" and build_id in first["build_ids"]
         assert inst.stop(serve) == 0
-        assert list((inst.data_dir / "worker").iterdir()) == []
+        assert [p.name for p in (inst.data_dir / "worker").iterdir()] in ([], ["debuginfod-cache"])
 
     def test_sigterm_kills_gdb_and_reports_the_attempt(self, embedded: Instance, tmp_path: Path) -> None:
         """gdb that never ends (a script that sleeps): SIGTERM makes the worker kill it, report a transient
