@@ -346,3 +346,33 @@ def _alive(pid: int) -> bool:
         return False
     return stat[stat.rfind(")") + 2] not in "ZX"
 
+
+
+def test_a_hanging_gdb_keeps_the_job_alive_then_fails_it_transiently(embedded: Instance, tmp_path: Path) -> None:
+    """gdb that never ends: heartbeats keep the job RETRACING past the heartbeat timeout while it runs, the
+    deadline kills gdb's whole group, and the transient failure sends the job back to PENDING."""
+    exe, core, debug_dir, build_id = build_crash(tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    hanging = tmp_path / "gdb"
+    # A child of its own, so that killing only gdb would leave the group behind.
+    hanging.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {marks}/child.pid\nexec sleep 300\n", encoding="utf-8")
+    hanging.chmod(0o755)
+    inst = embedded
+    inst.set(WORKER__GDB=str(hanging), WORKER__DEBUG_DIRS=json.dumps([str(debug_dir)]),
+             WORKER__GDB_TIMEOUT_S="6", WORKER__HEARTBEAT_INTERVAL_S="0.5", SERVICE__HEARTBEAT_TIMEOUT_S="3",
+             SERVICE__START_REQUIRES_OFFER="true", POLICY__BACKOFF_BASE_S="600")
+    serve = inst.serve()
+    job = submit(inst, exe, core, build_id)
+    inst.wait_for("the work request", lambda: inst.scalar("SELECT count(*) FROM outbox") == 1)
+    out = inst.run("worker", "--once").stdout
+    assert out.startswith(f"job {job} attempt 1: failed (transient): gdb did not finish within 6"), out
+    child = int((marks / "child.pid").read_text())
+    wait_until("gdb's group gone", lambda: not _alive(child), timeout=10)
+    inst.wait_for("the failure applied", lambda: inst.scalar("SELECT attempts FROM job WHERE id = :id",
+                                                             id=job) == 1)
+    shown = inst.json("show", str(job))
+    assert shown["state"] == "PENDING" and "gdb did not finish within 6" in shown["last_error"]
+    # Six seconds of gdb against a three-second heartbeat timeout: only the heartbeats kept the watchdog off.
+    assert all(h["trigger"] != "heartbeat_lost" for h in shown["history"]), shown["history"]
+    assert inst.stop(serve) == 0
