@@ -4,7 +4,8 @@ It creates an instance in a fresh directory, starts `retracer serve` as its own 
 crashes with a STAND-IN worker and uploader: they take the work requests `serve` dispatches and publish
 exactly the events (and write exactly the uploads) a real worker would, with scripted outcomes. The
 admin's rescue is the `retracer rescue` command, run as an admin would type it. Nothing is faked past
-that line: the transitions, the backoff, the spool checks, the mails are retracer's own.
+that line: the transitions, the backoff, the spool checks, the mails are retracer's own. Then, where gcc,
+gdb and binutils are installed, one real crash goes through the real `retracer worker` (``demo_crash``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import config as cfg
+from retracer import demo_crash, store
 from retracer import events as ev
-from retracer import store
 from retracer.bus import embedded
+from retracer.demo_crash import RealCrash
 from retracer.errors import RetracerError
 from retracer.store.models import History, Job
 from retracer.uploads import spool
@@ -80,6 +82,7 @@ class Story:
     started: float = field(default_factory=time.monotonic)
     seen_history: int = 0
     problems: list[str] = field(default_factory=list)
+    real: RealCrash | None = None
 
     def say(self, text: str) -> None:
         self.out(f"[{time.monotonic() - self.started:5.1f}s] {text}")
@@ -88,23 +91,39 @@ class Story:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("RETRACER__")}
         return {**clean, "RETRACER_CONFIG": str(self.config_path)}
 
-    def command(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def command(self, *args: str, echo: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a retracer command as the reader would type it; ``echo=False`` keeps long output (JSON) for the
+        caller to pick from."""
         self.out(f"\n    $ RETRACER_CONFIG={self.config_path} retracer {' '.join(_quote(a) for a in args)}")
         proc = subprocess.run([sys.executable, "-m", "retracer", *args],  # noqa: S603  (our own command, no shell)
                               env=self.env(), capture_output=True, text=True, timeout=60)
-        for line in (proc.stdout + proc.stderr).rstrip().splitlines():
+        for line in (proc.stdout + proc.stderr).rstrip().splitlines() if echo else []:
             self.out(f"    {line}")
         self.out("")
         return proc
+
+    def show_transitions(self, factory: sessionmaker[Session]) -> None:
+        """Say every history row written since the last call."""
+        with factory() as session:
+            rows = list(session.execute(
+                select(History, Job.package).join(Job, Job.id == History.job_id)
+                .where(History.id > self.seen_history).order_by(History.id)).tuples())
+        for h, package in rows:
+            self.seen_history = h.id
+            why = f" ({h.reason})" if h.reason and h.from_state is not None else ""
+            self.say(f"job {h.job_id} {package}: {h.from_state or 'new'} -> {h.to_state} [{h.trigger}, by "
+                     f"{h.actor}]{why}")
 
 
 def _quote(arg: str) -> str:
     return f'"{arg}"' if " " in arg else arg
 
 
-def write_config(root: Path) -> Path:
-    """The demo instance's configuration: the embedded defaults with short timings so the story fits a minute."""
+def write_config(root: Path, debug_dirs: list[Path] | None = None) -> Path:
+    """The demo instance's configuration: the embedded defaults with short timings so the story fits a minute,
+    and the real worker's debug symbols in ``debug_dirs``."""
     path = root / "retracer.toml"
+    dirs = ", ".join(f'"{d}"' for d in debug_dirs or [])
     admins = ", ".join(f'"{a}"' for a in ADMINS)
     path.write_text(f"""# The demo's instance: the embedded default (SQLite, no broker, mail to an mbox file).
 # Use it with: RETRACER_CONFIG={path} retracer status
@@ -124,6 +143,13 @@ max_attempts = 3
 backoff_base_s = 1.0
 backoff_factor = 2.0
 backoff_max_s = 4.0
+
+[worker]
+# The real crash's worker: a name to read in the job's history, and gdb bounded so the demo is too.
+name = "demo-worker"
+heartbeat_interval_s = 5.0
+gdb_timeout_s = 30.0
+debug_dirs = [{dirs}]
 """, encoding="utf-8")
     return path
 
@@ -134,13 +160,16 @@ def run(root: Path, out: Callable[[str], None] = print, timeout: float = 55.0) -
     if root.exists() and any(root.iterdir()):
         raise RetracerError(f"{root} is not empty; the demo needs a fresh directory (give another --dir)")
     root.mkdir(parents=True, exist_ok=True)
-    story = Story(root, write_config(root), out)
+    missing = demo_crash.missing_tools()
+    story = Story(root, write_config(root, [] if missing else [demo_crash.debug_dir(root)]), out)
     config = cfg.load(story.config_path, environ={})
     out(f"retracer demo: an embedded instance in {root}")
     out("  state: SQLite file retracer.db; bus: its inbox table; mail: mail/outbox.mbox; uploads: spool/")
     out("  The worker and the uploader below are STAND-INS: they publish exactly the events a real worker")
     out("  publishes (retrace.started, retrace.heartbeat, retrace.failed) and write uploads into the spool")
     out("  the way a real uploader does, with outcomes scripted for the story. Everything else is retracer.")
+    out("  " + (demo_crash.skipped_line(missing) if missing else
+                "Then one REAL crash: compiled here, retraced by the real `retracer worker` with gdb."))
     out("")
     store.upgrade(config.database_url)
     engine = store.make_engine(config.database_url)
@@ -150,8 +179,13 @@ def run(root: Path, out: Callable[[str], None] = print, timeout: float = 55.0) -
     server = subprocess.Popen([sys.executable, "-m", "retracer", "serve"], env=story.env(), stdout=log,
                               stderr=log)
     story.say(f"started `retracer serve` (pid {server.pid}, log {root / 'serve.log'})")
+    deadline = time.monotonic() + timeout
     try:
         _play(story, config, factory, server, timeout)
+        if not missing and server.poll() is None:
+            # The real crash gets at least a fair share even when the stand-ins used up their time.
+            demo_crash.play(story, factory, max(deadline, time.monotonic() + 20))
+            _wait_mails(factory, time.monotonic() + 10)
     finally:
         if server.poll() is None:
             server.terminate()
@@ -181,7 +215,7 @@ def _play(story: Story, config: cfg.Config, factory: sessionmaker[Session], serv
         if server.poll() is not None:
             story.problems.append(f"`retracer serve` exited with status {server.returncode}; see serve.log")
             return
-        _show_transitions(story, factory)
+        story.show_transitions(factory)
         with store.transaction(factory) as session:
             requests = embedded.take_work(session, 10)
         for request in requests:
@@ -189,11 +223,11 @@ def _play(story: Story, config: cfg.Config, factory: sessionmaker[Session], serv
         states = _states(factory)
         failed = [c for c in CRASHES if states.get(c.job) == ROLES.rescuable]
         if failed and not rescued and _mails_sent(factory):
-            _show_transitions(story, factory)
+            story.show_transitions(factory)
             _rescue(story, config, failed[0])
             rescued = True
         if all(states.get(c.job) == c.expect_state for c in CRASHES) and rescued and not _mails_pending(factory):
-            _show_transitions(story, factory)
+            story.show_transitions(factory)
             return
         time.sleep(0.1)
     story.problems.append(f"the story did not finish within {timeout:.0f}s")
@@ -261,16 +295,9 @@ def _mails_sent(factory: sessionmaker[Session]) -> bool:
     return not _mails_pending(factory)
 
 
-def _show_transitions(story: Story, factory: sessionmaker[Session]) -> None:
-    with factory() as session:
-        rows = list(session.execute(
-            select(History, Job.package).join(Job, Job.id == History.job_id)
-            .where(History.id > story.seen_history).order_by(History.id)).tuples())
-    for h, package in rows:
-        story.seen_history = h.id
-        why = f" ({h.reason})" if h.reason and h.from_state is not None else ""
-        story.say(f"job {h.job_id} {package}: {h.from_state or 'new'} -> {h.to_state} [{h.trigger}, by {h.actor}]"
-                  f"{why}")
+def _wait_mails(factory: sessionmaker[Session], deadline: float) -> None:
+    while _mails_pending(factory) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _verdict(story: Story, config: cfg.Config, factory: sessionmaker[Session]) -> int:
@@ -290,8 +317,16 @@ def _verdict(story: Story, config: cfg.Config, factory: sessionmaker[Session]) -
         if job.attempts != crash.expect_attempts:
             story.problems.append(f"job {job.id} ({crash.package}) has {job.attempts} failed attempts, the story "
                                   f"says {crash.expect_attempts}")
+    real = story.real
+    if real is not None and real.job:
+        if states.get(real.job) != ROLES.success:
+            story.problems.append(f"the real crash's job {real.job} ended {states.get(real.job)}, expected "
+                                  f"{ROLES.success}; `retracer show {real.job}` says why")
+        elif not real.names_the_line():
+            story.problems.append(f"the real crash's backtrace (results/{real.job}/backtrace.txt) does not name "
+                                  f"{demo_crash.SOURCE}:{demo_crash.CRASH_LINE}, where the program crashes")
     mails = _read_mbox(config.mailbox_path)
-    expected = _expected_mails(jobs)
+    expected = _expected_mails(real)
     got = sorted((m["X-Retracer-Job"], m["X-Retracer-Job-State"], m["To"]) for m in mails)
     if got != sorted(expected):
         story.problems.append(f"mails differ from the story: expected {sorted(expected)}, got {got}")
@@ -310,20 +345,22 @@ def _verdict(story: Story, config: cfg.Config, factory: sessionmaker[Session]) -
         return 1
     out("The story ended as told. Explore further (the instance is left in place):")
     out(f"  export RETRACER_CONFIG={story.config_path}")
-    for cmd in ("retracer jobs", "retracer show 4", "retracer states --diagram", "retracer mail list",
+    rescued = next(c.job for c in CRASHES if c.outcomes[0] == "no-symbols")
+    shows = [f"retracer show {rescued}"] + ([f"retracer show {real.job}     # the real crash"] if real else [])
+    for cmd in ("retracer jobs", *shows, "retracer states --diagram", "retracer mail list",
                 "retracer serve        # keep the service running; Ctrl-C stops it cleanly"):
         out(f"  {cmd}")
     return 0
 
 
-def _expected_mails(jobs: dict[int, Job]) -> list[tuple[str, str, str]]:
+def _expected_mails(real: RealCrash | None) -> list[tuple[str, str, str]]:
     """Per crash, the (job, state, recipient) mails its story must have sent: whom the workflow file says each
-    state it passes through notifies."""
+    state it passes through notifies. The real crash's story is the shortest: retraced at the first try."""
     spec = load_spec()
 
-    def to(state: str, crash: Crash) -> list[str]:
+    def to(state: str, creator: str) -> list[str]:
         notify = spec.states[state].notify
-        return [*(ADMINS if "admins" in notify else []), *([crash.creator] if "creator" in notify else [])]
+        return [*(ADMINS if "admins" in notify else []), *([creator] if "creator" in notify else [])]
 
     expected = []
     for crash in CRASHES:
@@ -331,7 +368,9 @@ def _expected_mails(jobs: dict[int, Job]) -> list[tuple[str, str, str]]:
         passed = [crash.expect_state]
         if crash.outcomes[0] == "no-symbols":
             passed.insert(0, ROLES.rescuable)
-        expected += [(job, state, recipient) for state in passed for recipient in to(state, crash)]
+        expected += [(job, state, recipient) for state in passed for recipient in to(state, crash.creator)]
+    if real is not None and real.job:
+        expected += [(str(real.job), ROLES.success, r) for r in to(ROLES.success, demo_crash.CREATOR)]
     return expected
 
 

@@ -63,12 +63,15 @@ def check_config(app: AppContext, as_json: bool) -> None:
               help="A fresh directory for the demo instance (default: ./retracer-demo-<time>).")
 @json_option
 def demo(directory: str | None, as_json: bool) -> None:
-    """Play the whole story on the embedded default: submit, retrace, retry, hold, fail to upload, rescue.
+    """Play the whole story on the embedded default: submit, retrace, retry, hold, fail to upload, rescue, then
+    one real crash compiled here and retraced by `retracer worker` with gdb (where gcc and gdb exist).
 
     With --json the story is told on standard error and standard output gets one JSON object at the end:
-    the instance's directory and configuration, how each job ended, the problems if the story diverged.
+    the instance's directory and configuration, how each job ended, the real crash (or null), the problems
+    if the story diverged.
     """
     from retracer import demo as story
+    from retracer import demo_crash
 
     root = (Path(directory) if directory else story.default_dir()).resolve()
     if not as_json:
@@ -81,7 +84,8 @@ def demo(directory: str | None, as_json: bool) -> None:
 
     status = story.run(root, out=out)
     emit_json({"directory": str(root), "config": str(root / "retracer.toml"), "exit_code": status,
-               "ended_as_told": status == 0, "jobs": _demo_jobs(root), "problems": _demo_problems(told)})
+               "ended_as_told": status == 0, "jobs": _demo_jobs(root), "real_crash": demo_crash.summary(root),
+               "problems": _demo_problems(told)})
     raise SystemExit(status)
 
 
