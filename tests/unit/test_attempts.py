@@ -119,3 +119,18 @@ def test_events_without_an_attempt_are_applied_as_before(offers: Any) -> None:
     outcomes = apply(config, factory, event("retrace.started", job, worker="w"),
                      event("retrace.heartbeat", job, worker="w"))
     assert [o.status for o in outcomes] == ["applied", "applied"]
+
+
+def test_a_redelivered_request_started_again_is_not_an_error(offers: Any) -> None:
+    """A worker died holding a request; the broker gave it to another worker, which starts the same attempt:
+    the second start is stale (no error listed), and the attempt goes on with the second worker."""
+    config, factory = offers
+    job = new_job(config, factory)
+    offer(config, factory)
+    apply(config, factory, event("retrace.started", job, worker="dead", attempt=1))
+    (again,) = apply(config, factory, event("retrace.started", job, worker="next", attempt=1))
+    assert again.status == "stale" and "was already started (by dead)" in (again.reason or "")
+    (beat,) = apply(config, factory, event("retrace.heartbeat", job, worker="next", attempt=1))
+    assert beat.status == "applied" and job_of(factory, job).worker == "next"
+    with factory() as session:
+        assert session.scalars(select(Rejected)).all() == []

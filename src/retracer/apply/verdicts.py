@@ -13,7 +13,10 @@ from sqlalchemy.orm import Session
 
 from retracer import events as ev
 from retracer.store.models import MAX_REJECTED_BODY, Job
-from retracer.workflow import TriggerContext
+from retracer.workflow import TriggerContext, load_spec
+
+#: The event a worker starts an attempt with.
+START = "retrace.started"
 
 
 def note_duplicate(session: Session, job: Job, ctx: TriggerContext, accepted: dict[str, int]) -> None:
@@ -38,10 +41,17 @@ def is_stale(event: ev.Event, job: Job) -> str | None:
     woke up, an upload of an abandoned attempt), or None. Such an event changes nothing and is no error: its
     marker says "stale", and serve logs and counts it."""
     attempt = event.data.get("attempt")
-    if attempt is None or attempt == job.attempts + 1:
+    if attempt is None:
         return None
-    return (f"attempt {attempt} of job {job.id} is not its current attempt ({job.attempts + 1}): "
-            f"this event changes nothing")
+    if attempt != job.attempts + 1:
+        return (f"attempt {attempt} of job {job.id} is not its current attempt ({job.attempts + 1}): "
+                f"this event changes nothing")
+    if event.type == START and job.state == load_spec().roles.working:
+        # A work request redelivered after its worker died: the next worker starts the same attempt again,
+        # and its heartbeats and upload carry the attempt on.
+        return (f"attempt {attempt} of job {job.id} was already started (by {job.worker or 'another worker'}); "
+                f"this event changes nothing, the attempt goes on with the worker that sends its heartbeats")
+    return None
 
 
 def digest(event: ev.Event) -> str:
