@@ -230,7 +230,10 @@ def base_env(data_dir: Path, db_url: str, args: argparse.Namespace) -> dict[str,
     return {"RETRACER__SERVICE__DATA_DIR": str(data_dir), "RETRACER__DATABASE__URL": db_url,
             "RETRACER__MAIL__ADMINS": ADMINS, "RETRACER__SERVICE__BATCH_SIZE": str(args.batch_size),
             "RETRACER__BROKER__PREFETCH": str(args.prefetch),
-            "RETRACER__SERVICE__APPLY_WORKERS": str(args.apply_workers)}
+            "RETRACER__SERVICE__APPLY_WORKERS": str(args.apply_workers),
+            # The workload starts its jobs with events of its own, as a fleet of workers would, without
+            # serve's offers in between.
+            "RETRACER__SERVICE__START_REQUIRES_OFFER": "false"}
 
 
 def broker_names() -> dict[str, str]:

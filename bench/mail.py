@@ -148,6 +148,7 @@ def main() -> None:
         config = cfg.load(environ={
             "RETRACER__SERVICE__DATA_DIR": tmp, "RETRACER__DATABASE__URL": db_url, "RETRACER__MAIL__ADMINS": ADMINS,
             "RETRACER__MAIL__URL": url, "RETRACER__MAIL__POOL_SIZE": str(args.pool_size),
+            "RETRACER__SERVICE__START_REQUIRES_OFFER": "false",  # the jobs are driven by events alone
             # The bench measures delivery, not flood control: let every mail through.
             "RETRACER__MAIL__FLOOD_THRESHOLD": str(10 * args.count),
         })

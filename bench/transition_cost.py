@@ -141,7 +141,9 @@ def drive(url: str, jobs: int) -> tuple[int, int, float]:
         with tempfile.TemporaryDirectory(prefix="retracer-bench-data-") as data_dir:
             config = cfg.load(environ={"RETRACER__SERVICE__DATA_DIR": data_dir, "RETRACER__DATABASE__URL": url,
                                        "RETRACER__MAIL__ADMINS": "admin@example.com",
-                                       "RETRACER__POLICY__MAX_ATTEMPTS": "5"})
+                                       "RETRACER__POLICY__MAX_ATTEMPTS": "5",
+                                       # the jobs are driven by events alone, without serve's offers
+                                       "RETRACER__SERVICE__START_REQUIRES_OFFER": "false"})
             applier = Applier(config)
             submits = [json.dumps(event("crash.submitted", None, source="bench", **crash_data()))
                        for _ in range(jobs)]
