@@ -56,6 +56,7 @@ from typing import Any
 from retracer import config as cfg
 from retracer import store
 from retracer.events import WORK_REQUEST
+from retracer.testing import crashes
 from retracer.testing.factories import crash_data, event
 from retracer.testing.instance import RETRACER, Instance
 from retracer.worker import coredump, gdb, symbols
@@ -70,22 +71,6 @@ POLL_S = 0.05
 RATE_POLL_S = 0.02
 #: Where a retrace may take this long at most before the bench gives up on it.
 JOB_DEADLINE_S = 300.0
-
-#: A NULL dereference five calls deep (the program of tests/integration/test_retrace.py).
-CRASH_SOURCE = """\
-#include <stdio.h>
-#include <stdlib.h>
-struct thing { int value; };
-int read_value(struct thing *t) { return t->value; }
-int compute(struct thing *t, int n) { return read_value(t) * n; }
-int parse(struct thing *t, int n) { return compute(t, n + 1) + 1; }
-int handle(struct thing *t, int n) { return parse(t, n) - 1; }
-int main(int argc, char **argv) {
-    struct thing *t = argc > 5 ? malloc(sizeof *t) : NULL;
-    printf("%d\\n", handle(t, argc));
-    return argv == NULL;
-}
-"""
 
 #: The same crash after dlopen()ing every library named on the command line: a core with many modules.
 MANY_LIBS_SOURCE = """\
@@ -165,43 +150,20 @@ class Crash:
 
 
 def need_tools() -> None:
-    missing = [t for t in ("gcc", "gdb", "objcopy", "readelf", "eu-unstrip") if shutil.which(t) is None]
+    missing = crashes.missing_tools("eu-unstrip")
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: apt-get install gcc gdb binutils elfutils")
 
 
-def make_core(argv: list[str], core: Path) -> Path:
-    """A core of the crash of ``argv`` written by gdb (address-space randomisation left on)."""
-    proc = run(["gdb", "-nx", "-batch", "-ex", "set disable-randomization off", "-ex", "run",
-                "-ex", f"generate-core-file {core}", "--args", *argv], cwd=core.parent, timeout=120)
-    if not core.exists():
-        raise SystemExit(f"gdb could not write a core of {argv[0]} (ptrace refused?):\n{proc.stdout}{proc.stderr}")
-    return core
-
-
-def build_crash(where: Path, source_text: str = CRASH_SOURCE, libraries: tuple[str, ...] = ()) -> Crash:
+def build_crash(where: Path, source_text: str = crashes.CRASH_SOURCE, libraries: tuple[str, ...] = ()) -> Crash:
     """Compile ``source_text``, split its debug information into a .build-id tree, strip it, and make a core of
     its crash (run with ``libraries`` as arguments)."""
-    where.mkdir(parents=True, exist_ok=True)
-    source = where / "prog.c"
-    source.write_text(source_text, encoding="utf-8")
-    full = where / "prog.full"
-    out = run(["gcc", "-g", "-O0", "-fPIE", "-pie", "-Wl,--build-id", "-o", str(full), str(source), "-ldl"])
-    if out.returncode != 0:
-        raise SystemExit(f"gcc failed: {out.stderr}")
-    notes = run(["readelf", "-n", str(full)]).stdout
-    build_id = next(line.split()[-1] for line in notes.splitlines() if "Build ID" in line)
-    debug_dir = where / "debug"
-    target = debug_dir / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
-    target.parent.mkdir(parents=True)
-    bin_dir = where / "bin"
-    bin_dir.mkdir()
-    exe = bin_dir / "prog"
-    for argv in (["objcopy", "--only-keep-debug", str(full), str(target)],
-                 ["objcopy", "--strip-all", str(full), str(exe)]):
-        if (done := run(argv)).returncode != 0:
-            raise SystemExit(f"{shlex.join(argv)} failed: {done.stderr}")
-    return Crash(exe, make_core([str(exe), *libraries], where / "core"), debug_dir, build_id)
+    try:
+        program = crashes.build(where, source_text, libraries=("-ldl",))
+        core = crashes.make_core([program.executable, *libraries], where / "core")
+    except crashes.CrashNotMade as exc:
+        raise SystemExit(str(exc)) from None
+    return Crash(program.executable, core, program.install_debug(where / "debug"), program.build_id)
 
 
 # -- 1. per retrace -------------------------------------------------------------------------------------
@@ -405,7 +367,7 @@ def python_core(tmp: Path) -> Path:
     script.write_text(MANY_MODULES, encoding="utf-8")
     python = os.path.realpath(sys.executable)
     say(f"[2] a core of {python} with its standard library's extension modules imported")
-    return make_core([python, "-S", str(script)], where / "core")
+    return crashes.make_core([python, "-S", str(script)], where / "core")
 
 
 def libraries_of(core: Path) -> tuple[str, ...]:

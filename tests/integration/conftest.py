@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from retracer.testing import crashes
 from retracer.testing.instance import Instance
 
 from ..conftest import AMQP_URL, IN_CI, require_server
@@ -47,23 +48,6 @@ def instance(request: pytest.FixtureRequest) -> Instance:
 
 # -- The retrace engine's real crash and symbol server (tests/integration/test_retrace.py) ---------------------
 
-#: A NULL dereference five calls deep, so that the top five frames are all the program's own functions.
-CRASH_SOURCE = """\
-#include <stdio.h>
-#include <stdlib.h>
-struct thing { int value; };
-int read_value(struct thing *t) { return t->value; }
-int compute(struct thing *t, int n) { return read_value(t) * n; }
-int parse(struct thing *t, int n) { return compute(t, n + 1) + 1; }
-int handle(struct thing *t, int n) { return parse(t, n) - 1; }
-int main(int argc, char **argv) {
-    struct thing *t = argc > 5 ? malloc(sizeof *t) : NULL;
-    printf("%d\\n", handle(t, argc));
-    return argv == NULL;
-}
-"""
-
-
 @dataclass(frozen=True)
 class CrashBuild:
     """A crashing C program built with -g, stripped, its debug file kept apart, and two cores of its crash."""
@@ -84,45 +68,27 @@ class CrashBuild:
 def _need_tools(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
-        (pytest.fail if IN_CI else pytest.skip)(f"{', '.join(missing)} not installed (apt-get install gcc gdb "
-                                                f"binutils)")
+        (pytest.fail if IN_CI else pytest.skip)(f"{', '.join(missing)} not installed (.ci/run installs them)")
 
 
 def make_core(executable: Path, core: Path) -> Path:
     """A core of executable's crash written by gdb, with address-space randomisation left on."""
-    subprocess.run(["gdb", "-nx", "-batch", "-ex", "set disable-randomization off", "-ex", "run",
-                    "-ex", f"generate-core-file {core}", str(executable)],
-                   cwd=core.parent, capture_output=True, check=False, timeout=120)
-    if not core.exists():
-        pytest.skip("gdb could not write a core here (ptrace refused?)")
-    return core
+    try:
+        return crashes.make_core([executable], core)
+    except crashes.CrashNotMade as exc:
+        pytest.skip(str(exc))
 
 
-def build_crash(where: Path, source: str = CRASH_SOURCE, name: str = "prog") -> tuple[Path, Path, str]:
+def build_crash(where: Path, source: str = crashes.CRASH_SOURCE, name: str = "prog") -> tuple[Path, Path, str]:
     """(stripped executable, debug file, build-id) of ``source`` compiled in ``where``."""
-    where.mkdir(parents=True, exist_ok=True)
-    (where / f"{name}.c").write_text(source, encoding="utf-8")
-    full = where / f"{name}.full"
-    subprocess.run(["gcc", "-g", "-O0", "-fPIE", "-pie", "-Wl,--build-id", "-o", str(full), str(where / f"{name}.c")],
-                   check=True)
-    # Outside bin/: gdb also looks for a debug link's file next to the executable.
-    keep = where / "keep"
-    keep.mkdir(exist_ok=True)
-    debug = keep / f"{name}.debug"
-    subprocess.run(["objcopy", "--only-keep-debug", str(full), str(debug)], check=True)
-    bin_dir = where / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    exe = bin_dir / name
-    subprocess.run(["objcopy", "--strip-all", f"--add-gnu-debuglink={debug}", str(full), str(exe)], check=True)
-    out = subprocess.run(["readelf", "-n", str(exe)], capture_output=True, text=True, check=True).stdout
-    build_id = next(line.split()[-1] for line in out.splitlines() if "Build ID" in line)
-    return exe, debug, build_id
+    program = crashes.build(where, source, name)
+    return program.executable, program.debug_file, program.build_id
 
 
 @pytest.fixture(scope="module")
 def crash_build(tmp_path_factory: pytest.TempPathFactory) -> CrashBuild:
     """The crashing program, stripped, and two cores of its crash made under different address layouts."""
-    _need_tools("gcc", "gdb", "objcopy", "readelf")
+    _need_tools(*crashes.TOOLS)
     where = tmp_path_factory.mktemp("crash")
     exe, debug, build_id = build_crash(where)
     cores = (make_core(exe, where / "core.1"), make_core(exe, where / "core.2"))

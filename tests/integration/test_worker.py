@@ -4,7 +4,6 @@ end with the real engine and gdb on a real core through `retracer serve` in the 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from retracer.bus.amqp import Publisher, Topology
 from retracer.config import Config
 from retracer.errors import BrokerError
 from retracer.events import WORK_REQUEST
+from retracer.testing import crashes
 from retracer.testing.instance import Instance
 from retracer.worker.loop import Worker
 from retracer.worker.request import Failed, Outcome, Request, Retraced
@@ -231,38 +231,17 @@ class TestRabbitMQ:
 
 # -- end to end, with the real engine -----------------------------------------------------------------------
 
-PROGRAM = textwrap.dedent("""\
-    #include <stdio.h>
-    static int crash_here(int *p) { return *p; }
-    int main(void) { int *nothing = NULL; printf("%d\\n", crash_here(nothing)); return 0; }
-    """)
-
-
-def _tools() -> None:
-    missing = [t for t in ("gcc", "gdb", "objcopy", "strip") if shutil.which(t) is None]
-    if missing:
-        (pytest.fail if IN_CI else pytest.skip)(f"missing {', '.join(missing)} (.ci/run installs them)")
-
-
 def build_crash(where: Path) -> tuple[Path, Path, Path, str]:
     """(executable without debug info, its core, a debug directory holding .build-id/xx/rest.debug, build-id)."""
-    _tools()
-    (where / "crash.c").write_text(PROGRAM, encoding="utf-8")
-    exe = where / "crash"
-    subprocess.run(["gcc", "-g", "-O0", "-Wl,--build-id", "-o", str(exe), str(where / "crash.c")], check=True)
-    notes = subprocess.run(["readelf", "-n", str(exe)], capture_output=True, text=True, check=True).stdout
-    build_id = next(line.split()[-1] for line in notes.splitlines() if "Build ID" in line)
-    debug_dir = where / "debug"
-    target = debug_dir / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
-    target.parent.mkdir(parents=True)
-    subprocess.run(["objcopy", "--only-keep-debug", str(exe), str(target)], check=True)
-    subprocess.run(["strip", "--strip-debug", str(exe)], check=True)
-    core = where / "core"
-    subprocess.run(["gdb", "-nx", "-batch", "-ex", "run", "-ex", f"generate-core-file {core}", str(exe)],
-                   cwd=where, capture_output=True, check=False, timeout=120)
-    if not core.exists():
-        pytest.skip("gdb could not write a core here (ptrace refused?)")
-    return exe, core, debug_dir, build_id
+    missing = crashes.missing_tools()
+    if missing:
+        (pytest.fail if IN_CI else pytest.skip)(f"missing {', '.join(missing)} (.ci/run installs them)")
+    program = crashes.build(where)
+    try:
+        core = crashes.make_core([program.executable], where / "core")
+    except crashes.CrashNotMade as exc:
+        pytest.skip(str(exc))
+    return program.executable, core, program.install_debug(where / "debug"), program.build_id
 
 
 def submit(inst: Instance, exe: Path, core: Path, build_id: str, crash_id: str = "e2e-1") -> int:
@@ -280,8 +259,7 @@ class TestEndToEnd:
         A second crash with the same stack is recorded as the first one's duplicate."""
         exe, core, debug_dir, build_id = build_crash(tmp_path)
         second_core = tmp_path / "core-2"
-        subprocess.run(["gdb", "-nx", "-batch", "-ex", "run", "-ex", f"generate-core-file {second_core}", str(exe)],
-                       cwd=tmp_path, capture_output=True, check=True, timeout=120)
+        crashes.make_core([exe], second_core)
         inst = instance
         scaled = "RETRACER__BROKER__URL" in inst.env
         inst.set(WORKER__DEBUG_DIRS=json.dumps([str(debug_dir)]), WORKER__NAME="e2e-worker",
@@ -302,7 +280,7 @@ class TestEndToEnd:
         assert first["state"] == "FULLYBUILT", first.get("upload_log") or first.get("hold_reason")
         assert second["state"] == "FULLYBUILT", second.get("upload_log") or second.get("hold_reason")
         stored = (inst.data_dir / "results" / str(jobs[0]) / "backtrace.txt").read_text()
-        assert "crash_here" in stored and "crash.c:2" in stored, stored
+        assert "read_value" in stored and "prog.c:4" in stored, stored
         assert first["signature"] and first["signature"] == second["signature"]
         assert first["duplicate_of"] is None and second["duplicate_of"] == jobs[0]
         assert first["core_check"] == "read" and build_id in first["build_ids"]
