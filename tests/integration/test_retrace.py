@@ -269,7 +269,8 @@ class TestGdbProcess:
                                debug_dirs=[str(crash_build.install_debug(tmp_path / "debug"))])
         started = time.monotonic()
         result = failed(attempt(tmp_path, crash_build.executable, crash_build.cores[0], config), transient=True)
-        assert time.monotonic() - started < 10
+        # gdb would sleep 100 s: far less means the deadline ended it (a generous bound on a shared machine).
+        assert time.monotonic() - started < 60
         assert "gdb did not finish within 1 s" in result.error
         assert_group_gone(int(pid_file.read_text()))
 
@@ -283,7 +284,8 @@ class TestGdbProcess:
         result = failed(attempt(tmp_path, crash_build.executable, crash_build.cores[0], config, stop),
                         transient=True)
         timer.cancel()
-        assert time.monotonic() - started < 5
+        # The deadline is 600 s: far less means the stop ended it (a generous bound on a shared machine).
+        assert time.monotonic() - started < 60
         assert result.error.startswith("abandoned: the worker was stopped")
         assert_group_gone(int(pid_file.read_text()))
 
