@@ -59,6 +59,14 @@ RANGES: dict[str, tuple[float, float, str]] = {
     # A file is read into memory to be checked; the upload's total is only summed.
     "spool.max_file_bytes": (1, 2**30, "bytes, up to 1 GiB"),
     "spool.max_upload_bytes": (1, 2**36, "bytes, up to 64 GiB"),
+    "gc.fullybuilt_days": (1, 36500, "days"),
+    "gc.failed_upload_days": (1, 36500, "days"),
+    "gc.marker_days": (1, 36500, "days"),
+    "gc.mail_days": (1, 36500, "days"),
+    "gc.rejected_days": (1, 36500, "days"),
+    "gc.batch_size": (1, 10_000, "rows per transaction"),
+    "gc.interval_s": (0, WEEK_S, "seconds, up to 7 days"),
+    "backup.keep": (1, 1000, "backups"),
     "worker.concurrency": (1, 64, "attempts at once"),
     "worker.heartbeat_interval_s": (0.01, WEEK_S, "seconds, up to 7 days"),
     "worker.gdb_timeout_s": (0.01, WEEK_S, "seconds, up to 7 days"),
@@ -343,6 +351,9 @@ def _validate(  # noqa: C901  (one flat list of independent checks, so that ever
             bad("mail", "admins", f"{_short(addr)} is not an email address: it {why}")
     if (why := addresses.problem(raw["mail"]["sender"])) is not None:
         bad("mail", "sender", f"is not an email address: it {why}")
+    for addr in raw["mail"]["maintainers"]:
+        if (why := addresses.problem(addr)) is not None:
+            bad("mail", "maintainers", f"{_short(addr)} is not an email address: it {why}")
     for domain in raw["mail"]["creator_domains"]:
         if not isinstance(domain, str) or addresses.problem(f"user@{domain}") is not None:
             bad("mail", "creator_domains", f"{_short(domain)} is not a domain name (example.org)")

@@ -336,7 +336,8 @@ class TestRanges:
             section, name = key.split(".")
             low, high, _ = cfg.RANGES[key]
             assert low <= cfg.defaults()[section][name] <= high, key
-            (line,) = [line for line in text.splitlines() if line.startswith(f"{name} = ")]
+            block = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+            (line,) = [line for line in block.splitlines() if line.startswith(f"{name} = ")]
             assert f"# {cfg._number(low)} to {cfg._number(high)}" in line, (key, line)
 
     @pytest.mark.parametrize("key", NUMERIC)

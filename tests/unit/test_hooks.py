@@ -71,7 +71,7 @@ class TestChoreRegistry:
         """register() adds a chore to every service started afterwards, last, with the service's context; it is
         closed when the service stops, and unregister() takes it out again."""
         built_in = [name for name, _ in registered()]
-        assert built_in == ["uploads", "watchdog", "dispatch", "relay", "mail"]
+        assert built_in == ["uploads", "watchdog", "dispatch", "relay", "mail", "gc"]
         register("counter", Counter)
         try:
             service = Service(config, factory, bus=StubBus())
@@ -97,7 +97,7 @@ class TestSubscribers:
         service.run(until_idle=True)
         assert metrics.batches == [2, 2]
         assert metrics.statuses == {"applied": 3, "rejected": 1}
-        assert metrics.chores == {"uploads", "watchdog", "dispatch", "relay", "mail"}
+        assert metrics.chores == {"uploads", "watchdog", "dispatch", "relay", "mail", "gc"}
         assert metrics.mail_rounds >= 1 and metrics.stopped == 1
         assert (service.stats.applied, service.stats.rejected, service.stats.batches) == (3, 1, 2)
         assert (bus.acked, bus.rejected) == (3, 1)

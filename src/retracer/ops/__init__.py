@@ -1,0 +1,1 @@
+"""Operations: what keeps an installation healthy over time (garbage collection, backups)."""
