@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Any, NoReturn
 
 from amqp.exceptions import AccessRefused, NotFound
@@ -169,7 +170,7 @@ class BatchConsumer(ConsumerMixin):
     """
 
     def __init__(self, config: Config, handle: BatchHandler, idle: Callable[[], object],
-                 connection: Connection | None = None) -> None:
+                 connection: Connection | None = None, until_idle: bool = False) -> None:
         self.config = config
         self.connection = connection or connect(config)
         self.topology = Topology(config)
@@ -182,6 +183,10 @@ class BatchConsumer(ConsumerMixin):
         self.pending: tuple[list[Any], Pending] | None = None
         self.first_at = self.last_at = 0.0
         self.last_idle = 0.0
+        self.until_idle = until_idle
+        #: Since when nothing was delivered and a round of chores ended; infinite until the first round ends,
+        #: because deliveries handed over while the chores ran are only drained after them.
+        self.quiet_since = float("inf")
         self.stopping = False
         self.batches = 0
         self.failure: BaseException | None = None
@@ -198,6 +203,7 @@ class BatchConsumer(ConsumerMixin):
         # Deliveries held from a lost channel cannot be acked any more; the broker redelivers them (a batch
         # still being applied is waited for, unacked: its replay is a duplicate).
         self.buffer = []
+        self.quiet_since = float("inf")
         if self.pending is not None:
             pending = self.pending[1]
             self.pending = None
@@ -210,7 +216,7 @@ class BatchConsumer(ConsumerMixin):
     def on_message(self, message: Any) -> None:
         if self.failure is not None:
             return  # left unacked: back to the broker, in order, with the channel (see _fail)
-        self.last_at = time.monotonic()
+        self.last_at = self.quiet_since = time.monotonic()
         if not self.buffer:
             self.first_at = self.last_at
         self.buffer.append(message)
@@ -278,7 +284,29 @@ class BatchConsumer(ConsumerMixin):
             return
         if now - self.last_idle >= self.idle_every:
             self.last_idle = now
-            self.idle()
+            done = self.idle()
+            if self.until_idle:
+                if not done and self._quiet(time.monotonic()):
+                    log.info("idle: the events queue stayed empty and the chores found nothing to do")
+                    self.stopping = self.should_stop = True
+                # Quiet is counted from the end of this round: what arrived meanwhile is drained after it.
+                self.quiet_since = time.monotonic() if self.quiet_since == float("inf") else max(
+                    self.quiet_since, time.monotonic())
+
+    def _quiet(self, now: float) -> bool:
+        """Nothing in hand, nothing delivered for a whole poll interval, and the broker holds no ready message
+        (one published while the chores ran may not have been handed over yet)."""
+        if self.buffer or self.pending is not None or now - self.quiet_since < self.idle_every:
+            return False
+        channel = self.connection.channel()
+        try:
+            _, ready, _ = channel.queue_declare(self.topology.events.name, passive=True)
+        except self.connection.connection_errors + self.connection.channel_errors:
+            return False  # the broker cannot say: not idle, the consumer's reconnection takes it from here
+        finally:
+            with suppress(Exception):
+                channel.close()
+        return int(ready) == 0
 
     def run_until_stopped(self) -> None:
         """Consume until stopped; a batch that could not be applied ends the run with its error."""
@@ -312,7 +340,9 @@ class AmqpBus:
 
 
 class _AmqpConsumer:
-    """The events queue's consumer for a sink; runs until stopped (a broker cannot say it is idle)."""
+    """The events queue's consumer for a sink; runs until stopped or, with ``until_idle``, until the queue
+    has been empty for a poll interval and a round of chores did nothing (what the embedded inbox's
+    consumer decides from the table)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -320,7 +350,8 @@ class _AmqpConsumer:
         self.stopping = False
 
     def run(self, sink: Sink, until_idle: bool) -> None:
-        self.batches = BatchConsumer(self.config, sink.apply_deliveries, idle=sink.run_chores)
+        self.batches = BatchConsumer(self.config, sink.apply_deliveries, idle=sink.run_chores,
+                                     until_idle=until_idle)
         if self.stopping or sink.stop_event.is_set():
             return
         self.batches.run_until_stopped()

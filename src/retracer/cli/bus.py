@@ -32,24 +32,43 @@ from retracer.cli.context import (
     when,
 )
 from retracer.errors import DatabaseUnavailable, InvalidEvent, RetracerError
+from retracer.ops import crashmail, lock
 from retracer.service import Service
 from retracer.store.models import Audit, ProcessedEvent, Rejected, utcnow
 
 
 @cli.command()
-@click.option("--until-idle", is_flag=True, help="Embedded mode: stop when no event or chore is left.")
+@click.option("--until-idle", is_flag=True,
+              help="Batch run: exit 0 once no event is queued (inbox or events queue) and a round of chores did "
+                   "nothing.")
+@click.option("--lock", "lock_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="Run only if no other run holds FILE (default: <data_dir>/retracer-serve.lock); if one "
+                   "does, say so and exit 0.")
+@click.option("--break-stale-lock", is_flag=True,
+              help="With --lock: remove a lock left by a run that crashed, and go on.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @json_option
 @pass_app
-def serve(app: AppContext, until_idle: bool, log_level: str, as_json: bool) -> None:
+def serve(app: AppContext, until_idle: bool, lock_path: str | None, break_stale_lock: bool, log_level: str,
+          as_json: bool) -> None:
     """Apply events, dispatch work, watch heartbeats, process uploads and send mail until stopped.
 
     SIGTERM or SIGINT finishes the batch in hand and exits 0. Logs are JSON lines on stderr; with --json the
     final counters (events applied, duplicate, rejected, batches, what each chore did) are printed on
-    standard output as one JSON object when it stops.
+    standard output as one JSON object when it stops. A crash (a bug) prints its traceback, mails [mail]
+    maintainers through the outbox and exits 1, leaving the --lock behind for a human to look.
     """
     logs.setup(log_level)
+    with crashmail.reported(app, "serve"):
+        try:
+            with lock.held(lock.resolve(lock_path, app.config.data_dir, "retracer-serve.lock"), break_stale_lock):
+                _serve(app, until_idle, as_json)
+        except lock.Busy as busy:
+            click.echo(str(busy))
+
+
+def _serve(app: AppContext, until_idle: bool, as_json: bool) -> None:
     service = Service(app.config, app.factory)
     service.install_signal_handlers()
     try:

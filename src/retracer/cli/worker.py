@@ -7,6 +7,7 @@ import click
 from retracer import logs
 from retracer.cli import cli
 from retracer.cli.context import AppContext, emit_json, json_option, pass_app, printable
+from retracer.ops import crashmail, lock
 from retracer.worker.loop import Summary, Worker
 
 
@@ -15,25 +16,38 @@ from retracer.worker.loop import Summary, Worker
               help="Handle one work request and exit (exit 0 with \"no work requested\" if none is waiting).")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=None, metavar="N",
               help="Attempts side by side (default: [worker] concurrency).")
+@click.option("--lock", "lock_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="Run only if no other run holds FILE (default: <data_dir>/retracer-worker.lock); if one "
+                   "does, say so and exit 0.")
+@click.option("--break-stale-lock", is_flag=True,
+              help="With --lock: remove a lock left by a run that crashed, and go on.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @json_option
 @pass_app
-def worker(app: AppContext, once: bool, concurrency: int | None, log_level: str, as_json: bool) -> None:
+def worker(app: AppContext, once: bool, concurrency: int | None, lock_path: str | None, break_stale_lock: bool,
+           log_level: str, as_json: bool) -> None:
     """Take work requests and retrace them: each ends as an upload in the spool or a retrace.failed.
 
     Embedded mode: requests come from the database's outbox (polled every [service] poll_interval_s). With a
     broker: from the work queue, each acknowledged only once its outcome is durable. SIGTERM or SIGINT: take
     nothing more, abandon the attempts in hand (each reported as a transient failure) and exit 0; a second
     signal exits at once. Exits 1 when the worker itself cannot go on (bus, database, spool). Logs are JSON
-    lines on stderr; --json prints a summary of the attempts on standard output.
+    lines on stderr; --json prints a summary of the attempts on standard output. A crash (a bug) prints its
+    traceback, mails [mail] maintainers through the outbox and exits 1, leaving the --lock behind.
     """
     logs.setup(log_level)
-    # With a broker a worker needs no database (its host may hold broker credentials alone).
-    factory = app.factory if app.config.embedded_bus else None
-    runner = Worker(app.config, factory, concurrency=concurrency, once=once)
-    with runner.signals():
-        summary = runner.run()
+    with crashmail.reported(app, "worker"):
+        # With a broker a worker needs no database (its host may hold broker credentials alone).
+        factory = app.factory if app.config.embedded_bus else None
+        runner = Worker(app.config, factory, concurrency=concurrency, once=once)
+        try:
+            with runner.signals(), lock.held(lock.resolve(lock_path, app.config.data_dir, "retracer-worker.lock"),
+                                              break_stale_lock):
+                summary = runner.run()
+        except lock.Busy as busy:
+            click.echo(str(busy))
+            return
     if as_json:
         emit_json(summary.as_dict())
     else:

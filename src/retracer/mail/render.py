@@ -42,6 +42,8 @@ from retracer.workflow import load_spec
 
 #: The state of a flood-control digest row (it has no job and no transition of its own).
 DIGEST = "DIGEST"
+#: The state of a crash mail to the maintainers (retracer.ops.crashmail): no job, no transition of its own.
+CRASH = "CRASH"
 TEMPLATE_PACKAGE = "retracer.email_templates"
 _STATE_NAME = re.compile(r"^[A-Z][A-Z_]{0,19}$")
 
@@ -115,14 +117,18 @@ def subject(notice: Notice) -> str:
     if notice.state == DIGEST:
         jobs = ", ".join(str(item.get("job")) for item in notice.context.get("items", []))
         return clean(f"[Retrace digest] {notice.context.get('count', '?')} notifications: jobs {jobs}")
+    if notice.state == CRASH:
+        return clean(f"[Retrace crash] retracer {notice.context.get('command', '?')} on "
+                     f"{notice.context.get('host', '?')}: {notice.context.get('error_type', '?')}")
     return clean(f"[Retrace #{notice.job_id}] {crash_title(notice.context)}")
 
 
 def message_id(notice: Notice, sender: str) -> str:
     """The same Message-ID every time a given mail is rendered, so a resend can be recognised as one."""
     domain = sender.rsplit("@", 1)[1]
-    if notice.state == DIGEST:
-        key, local = f"digest\0{notice.mail_id}", f"retracer.digest.{notice.mail_id}"
+    if notice.state in (DIGEST, CRASH):
+        kind = notice.state.lower()
+        key, local = f"{kind}\0{notice.mail_id}", f"retracer.{kind}.{notice.mail_id}"
     else:
         key, local = f"{notice.job_id}\0{notice.history_id}", f"retracer.{notice.job_id}.{notice.history_id}"
     digest = hashlib.sha256(f"{sender}\0{key}\0{notice.recipient.strip().lower()}".encode()).hexdigest()[:16]
@@ -205,6 +211,8 @@ def _content(notice: Notice, config: Config, now: datetime | None) -> tuple[list
                ("Auto-Submitted", "auto-generated"), ("X-Retracer-Rationale", clean(notice.rationale))]
     if notice.state == DIGEST:
         headers.append(("X-Retracer-Digest", clean(notice.context.get("count", ""))))
+    elif notice.state == CRASH:
+        headers.append(("X-Retracer-Crash", clean(notice.context.get("crash_key", ""))))
     else:
         headers += [("X-Retracer-Job", str(notice.job_id)), ("X-Retracer-Job-State", clean(notice.state)),
                     ("X-Creator-Recipient", clean(notice.context.get("creator", "")))]

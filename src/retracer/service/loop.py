@@ -131,8 +131,8 @@ class Service:
             self.consumer.stop()
 
     def run(self, until_idle: bool = False) -> Stats:
-        """Serve until stopped (or, with ``until_idle``, until there is nothing left to do, where the bus can
-        tell: a broker cannot)."""
+        """Serve until stopped (or, with ``until_idle``, until no event is queued and a round of chores did
+        nothing: the consumer of each bus decides, from the inbox table or the broker's queue)."""
         log.info("serving", extra={"bus": self.bus.name,
                                    "database": self.factory.kw["bind"].url.render_as_string(hide_password=True)})
         try:
