@@ -188,6 +188,16 @@ def resolve(given: str | None, data_dir: Path, default_name: str) -> Path | None
     return Path(os.path.expanduser(given)) if given else data_dir / default_name
 
 
+#: The locks this process holds, for a process that must exit at once (os._exit skips every finally block).
+_HELD: list[RunLock] = []
+
+
+def release_all() -> None:
+    """Release every lock this process holds: an exit on a second signal is a stop, not a crash."""
+    for lock in list(_HELD):
+        lock.release()
+
+
 class RunLock:
     """The lock at ``path``: :meth:`acquire` it, :meth:`release` it when the run ends cleanly."""
 
@@ -203,6 +213,7 @@ class RunLock:
             mine = me()
             if _create(dir_fd, name, mine):
                 self.holder = mine
+                _HELD.append(self)
                 return mine
             if break_stale:
                 # Two runs breaking the same lock at once must not each remove the other's fresh lock.
@@ -211,6 +222,7 @@ class RunLock:
             if holder is None:  # removed meanwhile: one more try, then it is somebody else's
                 if _create(dir_fd, name, mine):
                     self.holder = mine
+                    _HELD.append(self)
                     return mine
                 holder = _read(dir_fd, name, self.path) or Holder(0, socket.gethostname(), "just now")
             if holder.pid == 0 or alive(holder):
@@ -221,6 +233,7 @@ class RunLock:
             if not _create(dir_fd, name, mine):
                 raise Busy(f"another run took {self.path} as the stale lock was removed; nothing to do")
             self.holder = mine
+            _HELD.append(self)
             return mine
         finally:
             os.close(dir_fd)  # also drops the flock
@@ -238,6 +251,8 @@ class RunLock:
             finally:
                 os.close(dir_fd)
         self.holder = None
+        if self in _HELD:
+            _HELD.remove(self)
 
 
 @contextmanager

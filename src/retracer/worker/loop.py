@@ -35,6 +35,7 @@ from retracer.bus.base import Publisher
 from retracer.bus.connect import open_bus
 from retracer.config import Config
 from retracer.errors import InvalidEvent, RetracerError
+from retracer.ops import lock
 from retracer.uploads import spool
 from retracer.worker.loop_attempt import STARTED, Engine, Result, Setup, make_event, run_attempt
 from retracer.worker.request import Request
@@ -136,6 +137,7 @@ class Worker:
                 log.error("second signal: exiting at once, killing the attempts' processes",
                           extra={"signal": name, "worker": self.name})
                 kill_children()
+                lock.release_all()
                 os._exit(128 + signum)
             log.info("stopping: no new requests; the attempts in hand are abandoned and reported",
                      extra={"signal": name, "worker": self.name, "running": len(self.running)})
