@@ -10,9 +10,6 @@ symbolic backtrace with gdb and uploads it, exactly as on a real installation.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,16 +21,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import events as ev
 from retracer import store
-from retracer.errors import RetracerError
 from retracer.events import WORK_REQUEST
 from retracer.store.models import Job, Outbox
+from retracer.testing import crashes
 from retracer.worker.checks import elf_facts
 from retracer.workflow import load_spec
 
 if TYPE_CHECKING:
     from retracer.demo import Story
 
-TOOLS = ("gcc", "gdb", "objcopy", "strip")
+#: What the real crash needs: what any made crash needs, and strip (the demo keeps the symbol table).
+EXTRA_TOOLS = ("strip",)
+TOOLS = (*crashes.TOOLS, *EXTRA_TOOLS)
 CRASH_ID = "real-crash-1"
 PACKAGE = "demo-crash"
 CREATOR = "grace@example.com"
@@ -63,10 +62,6 @@ CRASH_LINE = next(n for n, line in enumerate(PROGRAM.splitlines(), start=1) if "
 WORKER_TRIES = 5
 
 
-class BuildFailed(RetracerError):
-    """The crash could not be made here (a tool failed); the demo goes on without it."""
-
-
 @dataclass
 class RealCrash:
     """The real crash's files and, once it ran, how its job ended."""
@@ -86,7 +81,7 @@ class RealCrash:
 
 
 def missing_tools() -> list[str]:
-    return [t for t in TOOLS if shutil.which(t) is None]
+    return crashes.missing_tools(*EXTRA_TOOLS)
 
 
 def skipped_line(missing: list[str]) -> str:
@@ -98,46 +93,26 @@ def debug_dir(root: Path) -> Path:
     return root / "real-crash" / "debug"
 
 
-def _run(argv: list[str], cwd: Path, what: str) -> subprocess.CompletedProcess[str]:
-    # Without DEBUGINFOD_URLS gdb never asks a server about the system libraries: the core is local business.
-    env = {k: v for k, v in os.environ.items() if k != "DEBUGINFOD_URLS"}
-    tool = shutil.which(argv[0]) or argv[0]
-    try:
-        proc = subprocess.run([tool, *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True,  # noqa: S603
-                              timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BuildFailed(f"{what} failed ({exc})") from None
-    if proc.returncode != 0 and argv[0] != "gdb":  # gdb's status after a crashed program says nothing
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise BuildFailed(f"{what} failed with status {proc.returncode}: {last}")
-    return proc
-
-
 def build(root: Path) -> RealCrash:
-    """Compile, split the debug info off, crash under gdb; BuildFailed says which step did not work."""
+    """Compile, split the debug info off, crash under gdb; CrashNotMade says which step did not work."""
     where = root / "real-crash"
     where.mkdir(parents=True, exist_ok=True)
     (where / SOURCE).write_text(PROGRAM, encoding="utf-8")
     exe = where / "crash"
-    _run(["gcc", "-g", "-O0", "-Wl,--build-id", "-o", str(exe), SOURCE], where, "gcc")
+    crashes.run(["gcc", "-g", "-O0", "-Wl,--build-id", "-o", str(exe), SOURCE], where, "gcc")
     try:
         build_id = elf_facts(exe).build_id
     except (OSError, ValueError) as exc:
-        raise BuildFailed(f"gcc's output {exe} cannot be read as ELF ({exc})") from None
+        raise crashes.CrashNotMade(f"gcc's output {exe} cannot be read as ELF ({exc})") from None
     if not build_id:
-        raise BuildFailed(f"gcc wrote {exe} without a GNU build-id (the linker ignored --build-id)")
+        raise crashes.CrashNotMade(f"gcc wrote {exe} without a GNU build-id (the linker ignored --build-id)")
     debug = debug_dir(root)
     target = debug / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
     target.parent.mkdir(parents=True, exist_ok=True)
-    _run(["objcopy", "--only-keep-debug", str(exe), str(target)], where, "objcopy --only-keep-debug")
-    _run(["strip", "--strip-debug", str(exe)], where, "strip --strip-debug")
+    crashes.run(["objcopy", "--only-keep-debug", str(exe), str(target)], where, "objcopy --only-keep-debug")
+    crashes.run(["strip", "--strip-debug", str(exe)], where, "strip --strip-debug")
     core = where / "core"
-    proc = _run(["gdb", "-nx", "-batch", "-ex", "run", "-ex", f"generate-core-file {core}", str(exe)], where,
-                "gdb (running the program to write its core)")
-    if not core.exists():
-        said = (proc.stderr.strip().splitlines() or ["nothing on stderr"])[-1]
-        raise BuildFailed(f"gdb wrote no core ({said}); gdb needs ptrace, which this machine or container may "
-                          f"refuse")
+    crashes.make_core([exe], core)
     return RealCrash(where, exe, core, debug, build_id)
 
 
@@ -148,7 +123,7 @@ def play(story: Story, factory: sessionmaker[Session], deadline: float) -> None:
               "calls below main")
     try:
         crash = build(story.root)
-    except BuildFailed as exc:
+    except crashes.CrashNotMade as exc:
         story.say(f"no real crash after all: {exc}. The stand-in stories stand alone.")
         return
     story.real = crash
