@@ -25,6 +25,7 @@ from retracer.cli.context import (
     dry_run_option,
     emit_json,
     json_option,
+    lock_options,
     pass_app,
     printable,
     reason_option,
@@ -41,11 +42,7 @@ from retracer.store.models import Audit, ProcessedEvent, Rejected, utcnow
 @click.option("--until-idle", is_flag=True,
               help="Batch run: exit 0 once no event is queued (inbox or events queue) and a round of chores did "
                    "nothing.")
-@click.option("--lock", "lock_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
-              help="Run only if no other run holds FILE (default: <data_dir>/retracer-serve.lock); if one "
-                   "does, say so and exit 0.")
-@click.option("--break-stale-lock", is_flag=True,
-              help="With --lock: remove a lock left by a run that crashed, and go on.")
+@lock_options("retracer-serve.lock")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @json_option

@@ -5,10 +5,10 @@ from __future__ import annotations
 import getpass
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from sqlalchemy.engine import Engine
@@ -99,6 +99,20 @@ def _actor(ctx: click.Context, param: click.Parameter, value: str | None) -> str
 actor_option = click.option("--as", "actor", default=None, metavar="NAME", callback=_actor,
                             help="Who is acting, for the record (default: your login name).")
 reason_option = click.option("--reason", default=None, help="Why (kept with the record of what was done).")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def lock_options(default_name: str) -> Callable[[F], F]:
+    """--lock [FILE] (``lock_path``; default ``<data_dir>/default_name``) and --break-stale-lock, for the
+    commands cron runs (retracer.ops.lock)."""
+    lock = click.option("--lock", "lock_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+                        help=f"Run only if no other run holds FILE (default: <data_dir>/{default_name}); if one "
+                             f"does, say so and exit 0.")
+    stale = click.option("--break-stale-lock", is_flag=True,
+                         help="With --lock: remove a lock left by a run that crashed, and go on.")
+    return lambda command: lock(stale(command))
 
 
 #: The largest id a row can have (ids are 32-bit INTEGER columns on PostgreSQL) and the largest --limit a

@@ -6,7 +6,7 @@ import click
 
 from retracer import logs
 from retracer.cli import cli
-from retracer.cli.context import AppContext, emit_json, json_option, pass_app, printable
+from retracer.cli.context import AppContext, emit_json, json_option, lock_options, pass_app, printable
 from retracer.ops import crashmail, lock
 from retracer.worker.loop import Summary, Worker
 
@@ -16,11 +16,7 @@ from retracer.worker.loop import Summary, Worker
               help="Handle one work request and exit (exit 0 with \"no work requested\" if none is waiting).")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=None, metavar="N",
               help="Attempts side by side (default: [worker] concurrency).")
-@click.option("--lock", "lock_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
-              help="Run only if no other run holds FILE (default: <data_dir>/retracer-worker.lock); if one "
-                   "does, say so and exit 0.")
-@click.option("--break-stale-lock", is_flag=True,
-              help="With --lock: remove a lock left by a run that crashed, and go on.")
+@lock_options("retracer-worker.lock")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @json_option
