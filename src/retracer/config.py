@@ -71,6 +71,13 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "worker.heartbeat_interval_s": (0.01, WEEK_S, "seconds, up to 7 days"),
     "worker.gdb_timeout_s": (0.01, WEEK_S, "seconds, up to 7 days"),
     "worker.debuginfod_timeout_s": (1, 3600, "seconds, up to an hour"),
+    "service.metrics_port": (0, 65535, "TCP port (0: none)"),
+    "worker.metrics_port": (0, 65535, "TCP port (0: none)"),
+    "web.port": (1, 65535, "TCP port"),
+    "web.page_size": (1, 1000, "rows"),
+    "symbols.max_members": (1, 10_000_000, "members"),
+    "symbols.max_member_bytes": (1, 2**36, "bytes, up to 64 GiB"),
+    "symbols.max_archive_bytes": (1, 2**40, "bytes, up to 1 TiB"),
 }
 
 

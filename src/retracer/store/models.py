@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -316,3 +317,56 @@ class Audit(Base):
     action: Mapped[str] = mapped_column(String(50))
     detail: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SymbolArchive(Base):
+    """A package (.deb, .ddeb) or a loose ELF file imported into the symbol index, indexed where it lies:
+    its members are served from there. The same content (by SHA-256) is imported once."""
+
+    __tablename__ = "symbol_archive"
+    __table_args__ = (Index("ix_symbol_archive_package", "package", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    # "deb", "ddeb" or "file" (a loose ELF or debug file from a directory import).
+    kind: Mapped[str] = mapped_column(String(10))
+    package: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    architecture: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    imported_by: Mapped[str] = mapped_column(String(MAX_ACTOR))
+
+    files: Mapped[list[SymbolFile]] = relationship(back_populates="archive", cascade="all, delete-orphan")
+
+
+class SymbolFile(Base):
+    """One ELF member of an imported archive: its GNU build-id, whether it is an executable or library
+    ("executable") or separate debug info ("debuginfo"), and where it lies inside the archive."""
+
+    __tablename__ = "symbol_file"
+    __table_args__ = (Index("ix_symbol_file_build_id", "build_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    archive_id: Mapped[int] = mapped_column(ForeignKey("symbol_archive.id", ondelete="CASCADE"), index=True)
+    build_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(10))
+    member: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+    archive: Mapped[SymbolArchive] = relationship(back_populates="files")
+
+
+class MissingSymbol(Base):
+    """A build-id a worker could not find symbols for, for one job: what `retracer symbols missing` lists and
+    what an import that brings it releases the job for."""
+
+    __tablename__ = "missing_symbol"
+    __table_args__ = (UniqueConstraint("job_id", "build_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    build_id: Mapped[str] = mapped_column(String(128), index=True)
+    module: Mapped[str | None] = mapped_column(Text, nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,1 @@
+"""`retracer web`: the status pages, the JSON API, Prometheus metrics and the symbol routes, one ASGI app."""

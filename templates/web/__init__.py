@@ -1,0 +1,1 @@
+"""Web page templates, shipped inside the package as retracer.web_templates."""
