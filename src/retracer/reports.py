@@ -137,3 +137,9 @@ def rejected(session: Session, include_replayed: bool = False) -> list[dict[str,
     if not include_replayed:
         stmt = stmt.where(Rejected.replayed_at.is_(None))
     return [rejected_dict(r) for r in session.scalars(stmt)]
+
+
+def missing_symbols(session: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """Build-ids workers could not find symbols for, the most-waited-for first: each with its module, how
+    many jobs miss it and which (placeholder until the missing-symbols work lands)."""
+    return []
