@@ -35,6 +35,7 @@ from retracer.cli.context import (
 from retracer.errors import DatabaseUnavailable, InvalidEvent, RetracerError
 from retracer.ops import crashmail, lock
 from retracer.service import Service
+from retracer.service.metrics import expose_service
 from retracer.store.models import Audit, ProcessedEvent, Rejected, utcnow
 
 
@@ -67,6 +68,7 @@ def serve(app: AppContext, until_idle: bool, lock_path: str | None, break_stale_
 
 def _serve(app: AppContext, until_idle: bool, as_json: bool) -> None:
     service = Service(app.config, app.factory)
+    exporter = expose_service(service)  # [service] metrics_port; None when 0
     service.install_signal_handlers()
     try:
         stats = service.run(until_idle=until_idle)  # the last log line ("stopped") carries the counters too
@@ -77,6 +79,9 @@ def _serve(app: AppContext, until_idle: bool, as_json: bool) -> None:
             f"the database cannot be used ({str(orig).strip().splitlines()[0] if orig else exc}); "
             f"serve stopped without acknowledging anything it had not committed. Check the database "
             f"({app.engine.url.render_as_string(hide_password=True)}) and start `retracer serve` again.") from None
+    finally:
+        if exporter is not None:
+            exporter.close()
     if as_json:
         emit_json(stats.as_dict())
 

@@ -27,6 +27,11 @@ class Hooks:
     def after_batch(self, outcomes: Sequence[Outcome], seconds: float) -> None:
         """Called once a batch is committed, with what became of each event and how long it took."""
 
+    def after_uploads(self, outcomes: Sequence[Outcome]) -> None:
+        """Called after the uploads chore applied the spool's uploads as events (upload.accepted,
+        upload.failed), with their outcomes: they are the service's own events, not a bus batch, so
+        after_batch does not see them."""
+
     def before_chore(self, name: str) -> None:
         """Called before the chore ``name`` runs."""
 
@@ -57,6 +62,10 @@ class HookList(Hooks):
     def after_batch(self, outcomes: Sequence[Outcome], seconds: float) -> None:
         for s in self.subscribers:
             _call(s, "after_batch", s.after_batch, outcomes, seconds)
+
+    def after_uploads(self, outcomes: Sequence[Outcome]) -> None:
+        for s in self.subscribers:
+            _call(s, "after_uploads", s.after_uploads, outcomes)
 
     def before_chore(self, name: str) -> None:
         for s in self.subscribers:

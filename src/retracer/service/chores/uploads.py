@@ -7,6 +7,13 @@ from retracer.uploads.intake import process_incoming
 
 
 def make(ctx: ChoreContext) -> Chore:
-    return Simple(lambda: len(process_incoming(ctx.config, ctx.factory, ctx.runner.apply)))
+    def run() -> int:
+        done = process_incoming(ctx.config, ctx.factory, ctx.runner.apply)
+        outcomes = [outcome for _, outcome in done if outcome is not None]
+        if outcomes:
+            ctx.hooks.after_uploads(outcomes)
+        return len(done)
+
+    return Simple(run)
 
 
