@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer import config as cfg
-from retracer import store
+from retracer import reports, store
 from retracer.errors import DatabaseNotReady
 from retracer.store.engine import missing_database
 
@@ -127,13 +126,7 @@ def actor_name(given: str | None) -> str:
 
 
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=_default, sort_keys=False))
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot print {type(value).__name__} as JSON")
+    click.echo(reports.to_json(value))
 
 
 def when(value: datetime | None) -> str:

@@ -214,6 +214,7 @@ def status(app: AppContext, as_json: bool) -> None:
     click.echo("\nOn hold:")
     click.echo(table(["JOB", "PACKAGE", "REASON"], [[h["id"], h["package"], h["reason"]] for h in report["on_hold"]])
                if report["on_hold"] else "  none")
+    _more(len(report["on_hold"]), report["on_hold_total"], "jobs on hold", "--state ON_HOLD")
 
 
 def _more(shown: int, total: int, what: str, filter_: str) -> None:

@@ -32,11 +32,13 @@ def missing_database(url: str) -> Path | None:
     return path if path is not None and not path.exists() else None
 
 
-def make_engine(url: str, create: bool = False, **kwargs: Any) -> Engine:
+def make_engine(url: str, create: bool = False, read_only: bool = False, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE.
 
     ``create``: make the SQLite file's directory, for the one caller that may create a database (the schema
     upgrade). Otherwise nothing is made here: a read must not leave an empty database behind.
+    ``read_only`` (the web app): the database refuses writes, and SQLite transactions start with a deferred
+    BEGIN, a snapshot that neither waits for `serve`'s write transactions nor makes them wait.
     """
     if url.startswith("sqlite"):
         path = sqlite_file(url)
@@ -53,14 +55,18 @@ def make_engine(url: str, create: bool = False, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
+            if read_only:
+                cur.execute("PRAGMA query_only=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if read_only:
+        kwargs.setdefault("execution_options", {"postgresql_readonly": True})
     # psycopg prepares a statement after five runs and PostgreSQL may then keep a generic plan chosen while
     # the tables were empty: the processed-event check turned into a full scan, 254 ms a batch at 60k rows.
     kwargs.setdefault("connect_args", {"prepare_threshold": None})

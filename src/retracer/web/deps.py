@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import suppress
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retracer.config import Config
@@ -23,11 +25,16 @@ def _factory(request: Request) -> sessionmaker[Session]:
 
 def session(request: Request) -> Iterator[Session]:
     """A session for one request, rolled back at its end: the web app changes nothing."""
-    with _factory(request)() as db:
-        try:
-            yield db
-        finally:
+    db = _factory(request)()
+    try:
+        yield db
+    finally:
+        # After the database went away the route's own error is the one to answer with (503); ending a
+        # session on a dead connection must not turn it into another.
+        with suppress(SQLAlchemyError):
             db.rollback()
+        with suppress(SQLAlchemyError):
+            db.close()
 
 
 #: Route parameters: ``db: DB`` and ``cfg: Cfg``.
