@@ -188,9 +188,10 @@ def _date(now: datetime) -> str:
     return format_datetime(now)
 
 
-def _content(notice: Notice, config: Config, now: datetime | None) -> tuple[list[tuple[str, str]],
-                                                                        list[tuple[str, str]]]:
-    """The mail's headers (name, value) in order and its bodies (subtype, text): what both forms are made of."""
+def content(notice: Notice, config: Config, now: datetime | None) -> tuple[list[tuple[str, str]],
+                                                                       list[tuple[str, str]]]:
+    """The mail's headers (name, value) in order and its bodies (subtype, text): what both forms are made of,
+    and what the status pages take the admins' commands from (without the cost of building a message)."""
     if not _STATE_NAME.match(notice.state):
         raise MailError(f"mail {notice.mail_id}: {notice.state!r} is not a state name")
     _check(notice)
@@ -225,7 +226,7 @@ def _content(notice: Notice, config: Config, now: datetime | None) -> tuple[list
 
 def render(notice: Notice, config: Config, now: datetime | None = None) -> EmailMessage:
     """The complete message for ``notice``; raises MailError saying what is missing and where to fix it."""
-    headers, bodies = _content(notice, config, now)
+    headers, bodies = content(notice, config, now)
     msg = EmailMessage(policy=POLICY)
     for name, value in headers:
         msg[name] = value
@@ -240,5 +241,5 @@ def wire(notice: Notice, config: Config, now: datetime | None = None) -> bytes:
 
     Raises what :func:`render` raises. The multipart boundary is random, as the email package's is.
     """
-    headers, bodies = _content(notice, config, now)
+    headers, bodies = content(notice, config, now)
     return assemble(headers, bodies)
