@@ -71,6 +71,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "worker.heartbeat_interval_s": (0.01, WEEK_S, "seconds, up to 7 days"),
     "worker.gdb_timeout_s": (0.01, WEEK_S, "seconds, up to 7 days"),
     "worker.debuginfod_timeout_s": (1, 3600, "seconds, up to an hour"),
+    "worker.index_cache_bytes": (0, 2**40, "bytes, up to 1 TiB"),
     "service.metrics_port": (0, 65535, "TCP port (0: none)"),
     "worker.metrics_port": (0, 65535, "TCP port (0: none)"),
     "web.port": (1, 65535, "TCP port"),

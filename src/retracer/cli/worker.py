@@ -9,6 +9,7 @@ from retracer.cli import cli
 from retracer.cli.context import AppContext, emit_json, json_option, lock_options, pass_app, printable
 from retracer.ops import crashmail, lock
 from retracer.worker.loop import Summary, Worker
+from retracer.worker.metrics import expose_worker
 
 
 @cli.command()
@@ -40,7 +41,12 @@ def worker(app: AppContext, once: bool, concurrency: int | None, lock_path: str 
         try:
             with runner.signals(), lock.held(lock.resolve(lock_path, app.config.data_dir, "retracer-worker.lock"),
                                               break_stale_lock):
-                summary = runner.run()
+                runner.metrics, exporter = expose_worker(app.config, runner.concurrency)  # [worker] metrics_port
+                try:
+                    summary = runner.run()
+                finally:
+                    if exporter is not None:
+                        exporter.close()
         except lock.Busy as busy:
             click.echo(str(busy))
             return

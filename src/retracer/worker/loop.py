@@ -38,6 +38,7 @@ from retracer.errors import InvalidEvent, RetracerError
 from retracer.ops import lock
 from retracer.uploads import spool
 from retracer.worker.loop_attempt import STARTED, Engine, Result, Setup, make_event, run_attempt
+from retracer.worker.metrics import WorkerMetrics
 from retracer.worker.request import Request
 from retracer.worker.sources import Delivery, Source, open_source
 
@@ -50,8 +51,9 @@ ENGINE_MODULE = "retracer.worker.retrace"
 BROKER_WAIT_S = 0.2
 
 
-def default_engine() -> Engine:
-    """``retracer.worker.retrace.retrace``, imported when a worker starts (not when this module is)."""
+def default_engine(config: Config | None = None, factory: sessionmaker[Session] | None = None) -> Engine:
+    """``retracer.worker.retrace.retrace``, imported when a worker starts (not when this module is); given the
+    worker's configuration and database, with retracer's symbol index as a symbol source (``engine_for``)."""
     try:
         module = importlib.import_module(ENGINE_MODULE)
     except ModuleNotFoundError as exc:
@@ -59,6 +61,8 @@ def default_engine() -> Engine:
             raise
         raise RetracerError(f"the retrace engine ({ENGINE_MODULE}) is not installed with this retracer; "
                             f"install a retracer that has it, then start the worker again") from None
+    if config is not None and hasattr(module, "engine_for"):
+        return cast(Engine, module.engine_for(config, factory))
     return cast(Engine, module.retrace)
 
 
@@ -102,8 +106,9 @@ class Worker:
 
     def __init__(self, config: Config, factory: sessionmaker[Session] | None, *, concurrency: int | None = None,
                  once: bool = False, engine: Engine | None = None,
-                 publisher: Callable[[], Publisher] | None = None) -> None:
+                 publisher: Callable[[], Publisher] | None = None, metrics: WorkerMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.factory = factory
         self.concurrency = 1 if once else concurrency or int(config["worker"]["concurrency"])
         self.once = once
@@ -181,7 +186,7 @@ class Worker:
             # Every event would be refused: better no worker than one that drops every request as malformed.
             raise RetracerError(f"[worker] name {self.name[:80]!r} {problem}; set a name of at most 200 "
                                 f"characters on one line (or leave it empty for <hostname>-<pid>)")
-        engine = self.engine or default_engine()
+        engine = self.engine or default_engine(self.config, self.factory)
         spool.ensure_layout(self.config.spool_dir)
         section = self.config["worker"]
         work_root = Path(os.path.expanduser(section["work_dir"])) if section["work_dir"] else \
@@ -219,6 +224,8 @@ class Worker:
             make_event(STARTED, request, self.name)  # a request its events could not report on is malformed too
         except InvalidEvent as exc:
             self.summary.malformed += 1
+            if self.metrics is not None:
+                self.metrics.dropped()
             log.error("malformed work request dropped", extra={"worker": self.name, "error": str(exc)[:500],
                                                                "body": _excerpt(delivery.body)})
             source.settle(delivery, done=False)
@@ -227,6 +234,8 @@ class Worker:
                                   name=f"attempt-job-{request.job}", daemon=True)
         self.running[id(delivery)] = thread
         thread.start()
+        if self.metrics is not None:
+            self.metrics.started()
         return True
 
     def _attempt(self, setup: Setup, request: Request, delivery: Delivery) -> None:
@@ -246,6 +255,8 @@ class Worker:
                 return
             self.running.pop(key).join()  # it has nothing left to do but return
             self.summary.attempts.append(result)
+            if self.metrics is not None:
+                self.metrics.finished(result)
             if result.durable:
                 try:
                     source.settle(delivery, done=True)

@@ -1,7 +1,8 @@
 """One retrace attempt: a core and its executable in, a symbolic backtrace or an actionable failure out.
 
-The steps: check the core and the executable (``checks``), find where each module's symbols may come from
-and tell gdb (``symbols``), run gdb under a deadline (``gdb``), then judge what it printed. Nothing about the
+The steps: check the core and the executable (``checks``), take the modules' debug files out of retracer's
+symbol index when the worker has the database (``index_source``), find where each module's symbols may come
+from and tell gdb (``symbols``), run gdb under a deadline (``gdb``), then judge what it printed. Nothing about the
 crash raises: a bad core, a missing file or a gdb crash each end as a ``Failed`` whose error names the file,
 the problem and what to do.
 
@@ -27,11 +28,15 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from retracer.config import Config
 from retracer.worker import checks, coredump, gdb, symbols
 from retracer.worker.checks import CheckFailed
+from retracer.worker.index_source import IndexSymbols
 from retracer.worker.request import Failed, Missing, Outcome, Request, Retraced
 from retracer.worker.signature import address_signature, crash_signature, parse_frames, parse_mappings
 
@@ -42,16 +47,32 @@ _RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]*")
 _TERMINATED = re.compile(r"^Program terminated with signal (SIG[A-Z0-9]+)", re.MULTILINE)
 
 
-def retrace(request: Request, config: Config, workdir: Path, stop: threading.Event | None = None) -> Outcome:
+def retrace(request: Request, config: Config, workdir: Path, stop: threading.Event | None = None,
+            index: IndexSymbols | None = None) -> Outcome:
     """Retrace ``request``'s core in ``workdir`` (a fresh directory the caller creates and removes). ``stop``
-    set means the worker is shutting down: gdb is killed at once and the attempt is abandoned (transient)."""
-    attempt = _Attempt(request, config, workdir, stop)
+    set means the worker is shutting down: gdb is killed at once and the attempt is abandoned (transient).
+    ``index``: retracer's symbol index, consulted for every module's debug information before gdb runs."""
+    attempt = _Attempt(request, config, workdir, stop, index)
     try:
         return attempt.run()
     except CheckFailed as exc:
         return attempt.failed(str(exc), exc.transient)
     except OSError as exc:
         return attempt.failed(_worker_disk_error(exc, workdir), transient=True)
+
+
+def engine_for(config: Config, factory: sessionmaker[Session] | None
+               ) -> Callable[[Request, Config, Path, threading.Event | None], Outcome]:
+    """The engine a worker runs: ``retrace``, with retracer's symbol index as a symbol source when the worker
+    has the database (the embedded mode) and ``[worker] use_index`` is on."""
+    index = IndexSymbols.for_worker(config, factory)
+    if index is None:
+        return retrace
+
+    def engine(request: Request, config: Config, workdir: Path, stop: threading.Event | None = None) -> Outcome:
+        return retrace(request, config, workdir, stop, index)
+
+    return engine
 
 
 def debuginfod_cache(config: Config) -> Path:
@@ -71,8 +92,10 @@ def _worker_disk_error(exc: OSError, workdir: Path) -> str:
 
 
 class _Attempt:
-    def __init__(self, request: Request, config: Config, workdir: Path, stop: threading.Event | None) -> None:
+    def __init__(self, request: Request, config: Config, workdir: Path, stop: threading.Event | None,
+                 index: IndexSymbols | None = None) -> None:
         self.request = request
+        self.index = index
         self.settings = config["worker"]
         self.config = config
         self.workdir = workdir
@@ -80,6 +103,7 @@ class _Attempt:
         self.lines: list[str] = []
         self.gdb_text = ""
         self.missing: list[Missing] = []
+        self.blocking: list[Missing] | None = None
         self.started = time.monotonic()
 
     def note(self, line: str) -> None:
@@ -93,7 +117,8 @@ class _Attempt:
 
     def failed(self, error: str, transient: bool) -> Failed:
         self.note(f"failed ({'transient' if transient else 'permanent'}): {error}")
-        return Failed(error=error, transient=transient, log=self.log(), missing=list(self.missing))
+        return Failed(error=error, transient=transient, log=self.log(), missing=list(self.missing),
+                      blocking=None if self.blocking is None else list(self.blocking))
 
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -150,6 +175,12 @@ class _Attempt:
                          main: coredump.Module, signo: int | None, sysroot: str) -> Outcome:
         debug_dirs = [str(d) for d in self.settings["debug_dirs"]]
         urls = [str(u) for u in self.settings["debuginfod_urls"]]
+        if self.index is not None:
+            provided = self.index.provide([m.build_id for m in modules], self.workdir / "symbol-index")
+            for line in provided.lines:
+                self.note(line)
+            if provided.directory is not None:
+                debug_dirs.append(str(provided.directory))
         for found in symbols.local_sources(modules, debug_dirs, sysroot, main, executable):
             module = found.module
             self.note(f"symbols for {module.path} ({module.build_id}): "
@@ -223,6 +254,14 @@ class _Attempt:
             self.note(f"no symbols for build-id {missing.build_id} ({missing.path})")
         named = ", ".join(f"build-id {m.build_id} ({m.path})" for m in self.missing)
         failures = symbols.failures_for(downloads, self.missing)
+        # What failed this attempt, if it fails for symbols: the executable's own, the modules a symbol
+        # server failed to send, or every module without symbols when no frame of the crash is known.
+        # Libraries without symbols alone do not fail an attempt, so they are not what the job waits for.
+        failed_names = {os.path.basename(what) for what, _ in downloads}
+        self.blocking = [m for m in self.missing if (m.build_id == main.build_id and not main_ok)
+                         or os.path.basename(m.path) in failed_names]
+        if all(f.unknown or f.signal_handler for f in frames):
+            self.blocking = list(self.missing)
         if failures:
             return self.failed(f"the symbol server failed ({failures[0]}), so {named} have no symbols: the "
                                f"server is unreachable or slow; the attempt is retried; check [worker] "
@@ -253,6 +292,8 @@ class _Attempt:
 
     def _looked_in(self) -> str:
         places = []
+        if self.index is not None:
+            places.append("retracer's symbol index")
         dirs = self.settings["debug_dirs"]
         if dirs:
             places.append("debug directories " + ", ".join(str(d) for d in dirs))
