@@ -135,6 +135,26 @@ def _build_ids(value: Any) -> str | None:
     return f"has entries that are not hex build-ids: {bad[:3]!r}" if bad else None
 
 
+#: How many modules a retrace.failed may name as missing symbols (as many as a crash may list build-ids).
+MAX_MISSING = 512
+
+
+def _missing(value: Any) -> str | None:
+    """retrace.failed's ``missing``: the modules whose symbols the attempt lacked, as
+    ``[{"build_id": hex, "module": path}]`` (other keys of an entry are ignored)."""
+    if not isinstance(value, list) or len(value) > MAX_MISSING:
+        return f"must be a list of at most {MAX_MISSING} objects {{\"build_id\": hex, \"module\": path}}"
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            return f"entry {i} is not an object {{\"build_id\": hex, \"module\": path}}"
+        build_id = entry.get("build_id")
+        if not isinstance(build_id, str) or not HEX.match(build_id):
+            return f"entry {i} has a build_id that is not a hex build-id: {str(build_id)[:80]!r}"
+        if "module" in entry and entry["module"] is not None and (err := PATH(entry["module"])) is not None:
+            return f"entry {i} has a module that {err}"
+    return None
+
+
 PATH = _text(4096)
 NAME = _text(200)
 LEAF = _text(255, pattern=SAFE_NAME, what="a plain directory name (letters, digits, . _ + ~ : @ -)")
@@ -154,7 +174,7 @@ TYPES: dict[str, tuple[bool, dict[str, Check], dict[str, Check]]] = {
     "retrace.started": (True, {"worker": NAME}, {"attempt": _attempt}),
     "retrace.heartbeat": (True, {"worker": NAME}, {"attempt": _attempt}),
     "retrace.failed": (True, {"error": _long_text(65536)}, {"transient": _bool, "worker": NAME,
-                                                          "attempt": _attempt}),
+                                                          "attempt": _attempt, "missing": _missing}),
     "upload.accepted": (True, {"leaf": LEAF}, {"result": _long_text(1024 * 1024), "attempt": _attempt,
                                                "signature": _text(1024), "address_signature": _text(4096)}),
     "upload.failed": (True, {"leaf": LEAF, "upload_log": _long_text(1024 * 1024)}, {"attempt": _attempt}),

@@ -25,6 +25,7 @@ FIELDS: dict[str, tuple[str, int]] = {
     "error": ("text", 65536), "upload_log": ("text", MIB), "result": ("text", MIB),
     "build_ids": ("build_ids", 512), "priority": ("priority", 1000), "transient": ("bool", 0),
     "attempt": ("attempt", 2**31 - 1), "signature": ("line", 1024), "address_signature": ("line", 4096),
+    "missing": ("missing", 512),
 }
 VALID: dict[str, Any] = {
     "crash_id": "crash-1", "creator": "mark@example.com", "package": "cdrkit", "version": "1.0-2ubuntu1",
@@ -33,6 +34,7 @@ VALID: dict[str, Any] = {
     "upload_log": "Rejected:\n  unknown build-id", "result": "#0 main () at main.c:3",
     "build_ids": ["0123456789abcdef"], "priority": 5, "transient": True, "attempt": 1,
     "signature": "/usr/bin/cdrecord:11:main", "address_signature": "0123abcd+0x1139",
+    "missing": [{"build_id": "0123456789abcdef", "module": "/usr/lib/libcdio.so.19"}],
 }
 # A value of the right size that also satisfies the field's pattern, for the length boundaries.
 SIZED: dict[str, Any] = {}

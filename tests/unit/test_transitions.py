@@ -248,6 +248,11 @@ def _released(after: Job, before: Job, t0: datetime, t1: datetime) -> None:
     assert after.hold_reason is None and after.not_before is None
 
 
+def _unblocked(after: Job, before: Job, t0: datetime, t1: datetime) -> None:
+    assert (after.attempts, after.not_before, after.hold_reason, after.worker) == (0, None, None, None)
+    assert (after.crash_id, after.priority) == (before.crash_id, before.priority)
+
+
 def _reprioritized(after: Job, before: Job, t0: datetime, t1: datetime) -> None:
     assert (after.priority, after.manual_priority) == (50, True)
     assert after.attempts == before.attempts and after.hold_reason == before.hold_reason
@@ -289,6 +294,9 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         check=_held),
     ("release", "PENDING"): Recipe(
         reason="symbols are published", history_reason=lambda job: "symbols are published", check=_released),
+    ("symbols_arrived", "PENDING"): Recipe(
+        reason="symbols imported for build-id 0123456789abcdef",
+        history_reason=lambda job: "symbols imported for build-id 0123456789abcdef", check=_unblocked),
     ("reprioritize", "="): Recipe(
         data={"priority": 50}, reason="security bug", history_reason=lambda job: "security bug",
         check=_reprioritized),

@@ -35,6 +35,7 @@ from retracer.store.models import (
     SpuriousPattern,
     utcnow,
 )
+from retracer.symbols import missing as missing_symbols
 from retracer.worker.submission import READ, check_core
 from retracer.workflow import Change, FailurePolicy, TriggerContext, Workflow, load
 from retracer.workflow.effects import EFFECTS
@@ -75,6 +76,8 @@ class _Batch:
     history: list[tuple[dict[str, Any], Job, list[dict[str, Any]]]] = field(default_factory=list)
     #: Signatures accepted in this batch (its jobs are written at its end, so a query would not see them).
     signatures: dict[str, int] = field(default_factory=dict)
+    #: Per job, the build-ids it now waits for (replacing those recorded before; empty: none).
+    missing: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class Applier:
@@ -207,6 +210,8 @@ class Applier:
             batch.touched.add(job.id)
         batch.jobs[job.id] = job
         self._record(session, job, change, ctx, batch)
+        if event.type == missing_symbols.REPORTED_BY and missing_symbols.FIELD in event.data:
+            batch.missing[job.id] = event.data[missing_symbols.FIELD]
         batch.created_or_applied.append(index)
         batch.markers[index] = {"event_id": event.id, "job_id": job.id, "outcome": "applied", "at": batch.now,
                                 "digest": said}
@@ -279,6 +284,8 @@ class Applier:
                 mail: bool = True) -> None:
         """The transition's consequences: effects on the job now; history and mail rows at the batch's end."""
         effect_reason = EFFECTS[change.effect](job, change, ctx, batch.now)
+        if change.dest == self.workflow.roles.success:
+            batch.missing[job.id] = []  # a job that is done waits for nothing
         if not change.record:
             return
         reason = ctx.reason or effect_reason
@@ -324,6 +331,8 @@ class Applier:
             bulk.insert_rows(conn, _HISTORY_TABLE, rows)
             bulk.insert_rows(conn, _MAIL_TABLE, mails)
         bulk.insert_rows(conn, _MARKER_TABLE, list(batch.markers.values()))
+        if batch.missing:
+            missing_symbols.replace(conn, batch.missing, batch.now)
 
 
 def _log_rejected(outcome: Outcome) -> None:

@@ -91,4 +91,4 @@ def main() -> None:
     cli(prog_name="retracer")
 
 
-from retracer.cli import admin, backup, bus, gc, jobs, mail, ops, policy, symbols, web, worker  # noqa: E402,F401  (registers the subcommands on `cli`)
+from retracer.cli import admin, backup, bus, gc, jobs, mail, ops, policy, symbols, symbols_missing, web, worker  # noqa: E402,F401  (registers the subcommands on `cli`)

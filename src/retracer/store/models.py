@@ -90,6 +90,8 @@ class Job(Base):
         CheckConstraint("state IN ('" + "', '".join(STATES) + "')", name="state"),
         # The dispatcher's order: priority (an admin's or the automatic one), then age.
         Index("ix_job_dispatch", "state", "priority", "id"),
+        # The queue split by retry time (ready now, waiting), counted and listed by the status report.
+        Index("ix_job_retry_time", "state", "not_before"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -139,7 +139,8 @@ def failure_text(failed: Failed) -> str:
     contract's 64 KiB with a note saying so (the list of missing modules is kept whole if it fits)."""
     error = failed.error.replace("\x00", "\\0").strip() or "the retrace failed without saying why"
     absent = [m for m in failed.missing if m.build_id not in error]
-    section = _missing_section(absent)
+    blocking = None if failed.blocking is None else {m.build_id for m in failed.blocking}
+    section = _missing_section(absent, blocking)
     room = MAX_ERROR - len(section)
     if len(error) > room:
         note = f"\n[error cut: {len(error) - room} more characters; the worker's log has it all]"
@@ -147,11 +148,36 @@ def failure_text(failed: Failed) -> str:
     return _encodable(error + section)[:MAX_ERROR]
 
 
-def _missing_section(missing: list[Missing]) -> str:
+def missing_field(failed: Failed) -> dict[str, Any]:
+    """retrace.failed's ``missing`` (the modules whose lack of symbols failed the attempt, at most the
+    contract's count), or nothing when the attempt did not get as far as judging symbols."""
+    if failed.blocking is None:
+        return {}
+    entries: dict[str, dict[str, str]] = {}
+    for m in failed.blocking:
+        # A core names its modules itself: a build-id or path the contract refuses would make the whole
+        # event unpublishable, so such an entry is left out (the error text still names it) or its path mended.
+        if not ev.HEX.match(m.build_id):
+            continue
+        entry = {"build_id": m.build_id.lower()}
+        module = ev.CONTROL.sub("?", _encodable(m.path))[:4096]
+        if module.strip():
+            entry["module"] = module
+        entries.setdefault(entry["build_id"], entry)
+    return {"missing": list(entries.values())[:ev.MAX_MISSING]}
+
+
+def _missing_section(missing: list[Missing], blocking: set[str] | None) -> str:
     if not missing:
         return ""
-    text = (f"\nno debug symbols for {len(missing)} module(s) (build-id, path); install their debug files "
-            f"in one of [worker] debug_dirs or on a debuginfod server, then retry the job:")
+    if blocking is not None and not blocking & {m.build_id for m in missing}:
+        # An admin reading "install ... then retry" would fetch packages the retry does not need.
+        text = (f"\n{len(missing)} other module(s) have no debug symbols either (build-id, path); they did not "
+                f"fail this attempt, their frames show as ??: import their packages for a fuller backtrace:")
+    else:
+        text = (f"\nno debug symbols for {len(missing)} module(s) (build-id, path); install their debug files "
+                f"in one of [worker] debug_dirs or on a debuginfod server, or import their packages with "
+                f"`retracer symbols import`, then retry the job:")
     # Half the error at most: the engine's own words must keep some room.
     for shown, m in enumerate(missing):
         line = f"\n  {m.build_id} {m.path}"
@@ -179,7 +205,8 @@ def run_attempt(setup: Setup, request: Request) -> Result:
             result = _upload(setup, reporter, request, outcome)
         else:
             result = Result(request, "failed", 0.0, error=failure_text(outcome), transient=outcome.transient)
-            reporter.send(FAILED, request, error=result.error, transient=outcome.transient)
+            reporter.send(FAILED, request, error=result.error, transient=outcome.transient,
+                          **missing_field(outcome))
             result.durable = True
     except RetracerError as exc:
         result.fatal = exc

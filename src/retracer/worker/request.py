@@ -80,6 +80,9 @@ class Failed:
     transient: bool
     log: str = ""
     missing: list[Missing] = field(default_factory=list)
+    #: The modules whose missing symbols failed the attempt (what the job now waits for: an import of them
+    #: releases it); None when the attempt ended before symbols were judged, so it says nothing of them.
+    blocking: list[Missing] | None = None
 
 
 Outcome = Retraced | Failed

@@ -136,6 +136,20 @@ def unpark(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str 
     return None
 
 
+def requeue_unblocked(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
+    """The symbols its last attempt lacked were imported: back to the queue at once. Its attempts are reset
+    because they failed for a cause now removed, so they say nothing of the next one; a job held after its
+    last attempt would otherwise be held again by its next transient failure. Repeats are bounded: only
+    symbols imported after the attempt reported them missing release a job."""
+    job.attempts = 0
+    job.not_before = None
+    job.hold_reason = None
+    job.failure_pattern = None
+    job.dispatched_at = None
+    job.worker = None
+    return None
+
+
 def set_priority(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
     """An admin's priority, sticky: automatic scoring never overrides it."""
     job.priority = int(ctx.data["priority"])
@@ -178,4 +192,5 @@ EFFECTS: dict[str, Effect] = {
     "park": park,
     "unpark": unpark,
     "set_priority": set_priority,
+    "requeue_unblocked": requeue_unblocked,
 }

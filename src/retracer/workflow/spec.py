@@ -76,6 +76,8 @@ class Roles:
     rescue_failed: str  # an admin's rescue whose upload was refused again
     reprioritize: str  # an admin's sticky priority
     failures: tuple[str, ...]  # a retrace attempt or an upload failed (listed as recent failures)
+    #: Optional roles (a workflow file without them lacks only what they enable).
+    symbols_arrived: str | None = None  # an import brought every build-id a waiting or held job lacked
 
     @classmethod
     def state_keys(cls) -> tuple[str, ...]:
@@ -178,6 +180,9 @@ def _roles(raw: Any, states: dict[str, StateSpec], transitions: tuple[Transition
     triggers = {t.trigger for t in transitions}
     values: dict[str, Any] = {}
     for f in fields(Roles):
+        if f.name not in raw and f.default is None:
+            values[f.name] = None
+            continue
         if f.name not in raw:
             raise WorkflowError(f"{origin}: [roles] {f.name} is missing")
         value = raw[f.name]
