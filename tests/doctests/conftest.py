@@ -33,6 +33,13 @@ can use without importing:
     Render an outbox mail as if its job had no upload log (which the event bus never lets happen).
 ``time``
     The standard module, for the specs that wait for a deadline to pass.
+``crashy``
+    A small C program that crashes, built for real on first use: ``crashy.executable`` (stripped of every
+    symbol, as a worker sees it), ``crashy.core`` (a core of its crash, written by gdb), its packages
+    ``crashy.deb`` and ``crashy.ddeb`` (made by dpkg-deb, the debug information in the .ddeb only),
+    ``crashy.build_id``, ``crashy.name``, ``crashy.version`` and ``crashy.architecture``. Where gcc, gdb,
+    objcopy or dpkg-deb are missing (outside CI, which installs them), or gdb may not write a core here, the
+    spec using it is skipped with the reason.
 
 Whatever a spec starts (the SMTP server, the logs of ``serve``) is stopped here, after the spec.
 """
@@ -57,6 +64,7 @@ from retracer.config import load
 from retracer.mail.render import Notice, render
 from retracer.store import make_engine, session_factory, transaction
 from retracer.store.models import Mail
+from retracer.testing import crashes, packages
 from retracer.testing.factories import event
 from retracer.testing.shell import Shell
 from retracer.testing.smtp import CaptureServer
@@ -64,6 +72,8 @@ from retracer.uploads.spool import write_upload
 from retracer.workflow.policy import FailurePolicy
 
 ADMINS = "celso.providelo@example.com,foo.bar@example.com"
+#: As tests/conftest.py's: in CI a tool the specs need is a failure, not a skip (.ci/run installs them all).
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _publisher(retracer: Shell, data_dir: Path) -> Callable[..., None]:
@@ -144,6 +154,65 @@ def _render_without_upload_log(env: dict[str, str]) -> Callable[[int], None]:
     return render_notification_without_upload_log
 
 
+class Crashy:
+    """The crashing program, its core and its packages, made on first use (most specs never touch them)."""
+
+    def __init__(self, where: Path) -> None:
+        self._where = where
+        self._made: tuple[packages.Packages, Path] | None = None
+
+    def _make(self) -> tuple[packages.Packages, Path]:
+        if self._made is None:
+            missing = sorted(set(crashes.missing_tools()) | set(packages.missing_tools()))
+            if missing:
+                (pytest.fail if IN_CI else pytest.skip)(f"{', '.join(missing)} not installed (.ci/run installs "
+                                                        f"them)")
+            self._where.mkdir(parents=True, exist_ok=True)
+            try:
+                pkgs = packages.make_packages(self._where)
+                core = crashes.make_core([pkgs.program.executable], self._where / "core")
+            except crashes.CrashNotMade as exc:  # e.g. ptrace refused in a container: nothing the spec can fix
+                pytest.skip(str(exc))
+            self._made = (pkgs, core)
+        return self._made
+
+    @property
+    def packages(self) -> packages.Packages:
+        return self._make()[0]
+
+    @property
+    def core(self) -> Path:
+        return self._make()[1]
+
+    @property
+    def executable(self) -> Path:
+        return self.packages.program.executable
+
+    @property
+    def deb(self) -> Path:
+        return self.packages.deb
+
+    @property
+    def ddeb(self) -> Path:
+        return self.packages.ddeb
+
+    @property
+    def build_id(self) -> str:
+        return self.packages.build_id
+
+    @property
+    def name(self) -> str:
+        return self.packages.name
+
+    @property
+    def version(self) -> str:
+        return self.packages.version
+
+    @property
+    def architecture(self) -> str:
+        return self.packages.architecture
+
+
 @pytest.fixture
 def smtp() -> Iterator[CaptureServer]:
     """A real SMTP server in this process; a spec points ``RETRACER__MAIL__URL`` at ``smtp.url`` to use it."""
@@ -175,7 +244,8 @@ def _embedded_instance(doctest_namespace: dict[str, Any], tmp_path: Path, sqlite
         deliver=_deliverer(retracer, publish), worker_upload=_worker_upload(spool),
         spool_contents=_spool_contents(spool), delivered=_delivered(data_dir), body=body, smtp=smtp,
         retry_delay=_retry_delay(env),
-        render_notification_without_upload_log=_render_without_upload_log(env), time=time)
+        render_notification_without_upload_log=_render_without_upload_log(env), time=time,
+        crashy=Crashy(tmp_path / "crashy"))
     yield
     # `serve` sends its logs to the stream it was given; the next spec must not inherit that handler.
     logging.getLogger("retracer").handlers.clear()
