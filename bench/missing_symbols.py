@@ -10,6 +10,8 @@ every job), written in bulk as a failed attempt leaves them, half queued for a r
   release_none_ms   release_unblocked after an import that covers nothing anybody waits for
   release_one_ms    release_unblocked after an import of the debug file of one build-id (its jobs still
                     wait for others: none is released, their rows for it go)
+  *_scan_ms         the same two without naming the imported build-ids (a scan of the whole missing list:
+                    what every import did before it passed what it brought)
 
 The last line printed is one JSON object with every figure.
 """
@@ -75,13 +77,13 @@ def timed(url: str, work: Any) -> float:
     return round(elapsed, 1)
 
 
-def imported(build_id: str, n: int) -> Any:
+def imported(build_id: str, n: int, named: bool = True) -> Any:
     def work(session: Session) -> None:
         archive = SymbolArchive(path=f"/x{n}.ddeb", sha256=f"{n:064x}", size=1, kind="ddeb", imported_by="bench")
         archive.files = [SymbolFile(build_id=build_id, kind="debuginfo", member="/usr/lib/debug/x", size=1)]
         session.add(archive)
         session.flush()
-        release_unblocked(session, "bench")
+        release_unblocked(session, "bench", build_ids={build_id} if named else None)
     return work
 
 
@@ -91,6 +93,8 @@ def measure(url: str, jobs: int, build_ids: int) -> dict[str, float]:
         "listing_ms": timed(url, lambda s: reports.missing_symbols(s, 50)),
         "release_none_ms": timed(url, imported("ee" * 20, 1)),
         "release_one_ms": timed(url, imported(f"{5:040x}", 2)),
+        "release_none_scan_ms": timed(url, imported("ef" * 20, 3, named=False)),
+        "release_one_scan_ms": timed(url, imported(f"{6:040x}", 4, named=False)),
     }
 
 

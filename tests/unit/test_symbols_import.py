@@ -135,22 +135,23 @@ def test_debug_file_is_told_from_executable_by_its_sections_outside_the_debug_tr
 
 def test_release_runs_in_the_import_transaction_after_the_rows_are_flushed(
         rt: Retracer, pkgs: Packages, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, set[str]]] = []
 
-    def fake_release(session: Session, actor: str) -> list[int]:
-        seen.append((actor, session.scalar(select(func.count()).select_from(SymbolFile)) or 0))
+    def fake_release(session: Session, actor: str, build_ids: set[str]) -> list[int]:
+        seen.append((actor, session.scalar(select(func.count()).select_from(SymbolFile)) or 0, build_ids))
         return [7, 3]
 
     monkeypatch.setattr(release, "release_unblocked", fake_release)
     out = rt.json(f"symbols import --as celso {pkgs.deb}")
-    assert seen == [("admin:celso", 1)]
+    # Only what the archive brought is looked for among the missing build-ids.
+    assert seen == [("admin:celso", 1, {pkgs.build_id})]
     assert out["released_jobs"] == [3, 7]
     assert "released job(s): 3, 7" in rt.ok(f"symbols import --as celso {pkgs.ddeb}")
 
 
 def test_a_failing_release_leaves_nothing_of_the_archive(rt: Retracer, pkgs: Packages,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(session: Session, actor: str) -> list[int]:
+    def broken(session: Session, actor: str, build_ids: set[str]) -> list[int]:
         raise RuntimeError("release broke")
 
     monkeypatch.setattr(release, "release_unblocked", broken)

@@ -326,6 +326,17 @@ class TestRelease:
             world.applier.fire(session, job_id, ROLES.reprioritize, by="admin:celso", data={"priority": 9})
         assert world.release(A) == [job_id]
 
+    def test_an_import_looks_only_at_the_build_ids_it_brought(self, world: World) -> None:
+        """An import names what it brought: a job covered by something else is left to that import's run."""
+        job_id = world.waiting_job(A)
+        world.index(A)
+        with store.transaction(world.factory) as session:
+            assert release_unblocked(session, IMPORTER, build_ids={B}) == []
+            assert release_unblocked(session, IMPORTER, build_ids=set()) == []
+        assert world.rows(job_id) == [A]
+        with store.transaction(world.factory) as session:
+            assert release_unblocked(session, IMPORTER, build_ids={A, B}) == [job_id]
+
     def test_an_executable_alone_does_not_release(self, world: World) -> None:
         job_id = world.waiting_job(A)
         assert world.release(A, kind="executable") == []

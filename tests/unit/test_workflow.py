@@ -16,6 +16,7 @@ from retracer.store.models import STATES, Job
 from retracer.workflow import TriggerContext, Workflow, load, mermaid, parse
 from retracer.workflow.effects import EFFECTS
 from retracer.workflow.guards import GUARDS
+from retracer.workflow.policy import REASON_QUOTE, first_line
 
 SHIPPED = resources.files("retracer.states").joinpath("workflow.toml").read_text(encoding="utf-8")
 
@@ -312,3 +313,16 @@ class TestOneMachine:
         load().create(job, TriggerContext())
         with pytest.raises(WorkflowError, match=r"unknown trigger 'explode'.*'start'"):
             load().fire(job, "explode", TriggerContext())
+
+
+class TestReasonQuotes:
+    """A history reason quotes an error's first line; where it is cut, it says so."""
+
+    def test_a_short_line_is_quoted_whole(self) -> None:
+        assert first_line("  gdb died\nsecond line") == "gdb died"
+        assert first_line("\n \n") == ""
+
+    def test_a_long_line_is_cut_with_a_mark(self) -> None:
+        quoted = first_line("word " * 200)
+        assert quoted.endswith(" [...]") and len(quoted) <= REASON_QUOTE + len(" [...]")
+        assert quoted.removesuffix(" [...]") == ("word " * 200)[:REASON_QUOTE].rstrip()

@@ -298,7 +298,8 @@ class Importer:
                                  for f in result.files]
                 session.add(archive)
                 session.flush()
-                result.released = list(release.release_unblocked(session, self.actor))
+                result.released = list(release.release_unblocked(
+                    session, self.actor, build_ids={f.build_id for f in result.files}))
         except IntegrityError:
             # Another import of the same content committed first.
             result.status, result.released = "already", []

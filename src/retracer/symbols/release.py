@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Collection
 from datetime import datetime
 
 from sqlalchemy import delete, func, select
@@ -42,20 +43,28 @@ COVERING_KINDS = ("debuginfo",)
 #: What a release's actor begins with in the job's history.
 IMPORT = "import:"
 
+#: At most this many build-ids are named in the query that finds what an import covers.
+MAX_NAMED_IDS = 10_000
+
 #: How many build-ids a released job's history reason names (the rest are counted).
 NAMED_IN_REASON = 5
 
 
-def release_unblocked(session: Session, actor: str, now: datetime | None = None) -> list[int]:
+def release_unblocked(session: Session, actor: str, now: datetime | None = None,
+                      build_ids: Collection[str] | None = None) -> list[int]:
     """Send back to the queue every job held or waiting only for build-ids the index now has; their ids, in
     order. Runs in the caller's transaction (an import's, after its rows are flushed); changes nothing if the
-    workflow file names no ``symbols_arrived`` role."""
+    workflow file names no ``symbols_arrived`` role. ``build_ids``: only the missing build-ids among these
+    are looked at (an import passes what it brought: a whole scan of the missing list per archive would make
+    a large import slow while many jobs wait)."""
     workflow = load()
     trigger = workflow.roles.symbols_arrived
     # The history says the import did it, and for whom: "import:admin:celso" for an admin's import.
     actor = actor if actor.startswith(IMPORT) else f"{IMPORT}{actor}"
     now = now or utcnow()
-    covered = _covered(session)
+    if build_ids is not None and not build_ids:
+        return []
+    covered = _covered(session, build_ids)
     if not covered:
         return []
     by_job: dict[int, list[str]] = defaultdict(list)
@@ -76,13 +85,17 @@ def release_unblocked(session: Session, actor: str, now: datetime | None = None)
     return released
 
 
-def _covered(session: Session) -> list[tuple[int, int, str]]:
-    """(row id, job id, build-id) of every missing build-id the index has gained since it was reported."""
+def _covered(session: Session, build_ids: Collection[str] | None) -> list[tuple[int, int, str]]:
+    """(row id, job id, build-id) of every missing build-id (among ``build_ids``, if given) the index has
+    gained since it was reported."""
     gained = (select(SymbolFile.id).join(SymbolArchive, SymbolArchive.id == SymbolFile.archive_id)
               .where(SymbolFile.build_id == MissingSymbol.build_id, SymbolFile.kind.in_(COVERING_KINDS),
                      SymbolArchive.imported_at >= MissingSymbol.recorded_at))
-    rows = session.execute(select(MissingSymbol.id, MissingSymbol.job_id, MissingSymbol.build_id)
-                           .where(gained.exists()).order_by(MissingSymbol.job_id, MissingSymbol.id))
+    stmt = select(MissingSymbol.id, MissingSymbol.job_id, MissingSymbol.build_id).where(gained.exists())
+    # Past SQLite's bound-parameter limit a whole scan is the simpler (and still correct) query.
+    if build_ids is not None and len(build_ids) <= MAX_NAMED_IDS:
+        stmt = stmt.where(bulk.among(session.get_bind().dialect, MissingSymbol.build_id, sorted(set(build_ids))))
+    rows = session.execute(stmt.order_by(MissingSymbol.job_id, MissingSymbol.id))
     return [(int(i), int(j), str(b)) for i, j, b in rows]
 
 

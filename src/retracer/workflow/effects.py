@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from retracer.workflow.context import Change, TriggerContext
+from retracer.workflow.policy import first_line
 
 if TYPE_CHECKING:
     from retracer.store.models import Job
@@ -87,8 +88,7 @@ def retry_later(job: Job, change: Change, ctx: TriggerContext, now: datetime) ->
     _failed(job, change)
     job.last_error = str(ctx.data.get("error", ""))
     job.not_before = now + ctx.policy.backoff(job.attempts)
-    first = job.last_error.strip().splitlines()
-    return f"attempt {job.attempts} failed: {first[0][:300] if first else 'no error text'}"
+    return f"attempt {job.attempts} failed: {first_line(job.last_error) or 'no error text'}"
 
 
 def hold_failed(job: Job, change: Change, ctx: TriggerContext, now: datetime) -> str | None:
@@ -174,8 +174,9 @@ def _hold_after_failure(job: Job, change: Change, ctx: TriggerContext, transient
 
 
 def _upload_reason(job: Job) -> str | None:
-    first = (job.upload_log or "").strip().splitlines()
-    return f"upload failed: {first[0][:300]}" if first else None
+    first = first_line(job.upload_log or "")
+    return f"upload failed: {first}" if first else None
+
 
 
 EFFECTS: dict[str, Effect] = {

@@ -162,13 +162,26 @@ class FailurePolicy:
 
     def hold_reason(self, attempts: int, transient: bool, pattern: str | None, error: str) -> str:
         """Why a job whose attempt number ``attempts`` failed is held, for its history and the admins' mail."""
-        first_line = error.strip().splitlines()[0][:300] if error.strip() else "no error text"
+        quoted = first_line(error) or "no error text"
         if transient:
             why = f"retries exhausted after {attempts} of {self.max_attempts} attempts"
         else:
             why = f"permanent failure on attempt {attempts}"
         matched = f"; matched transient pattern {pattern!r}" if pattern else ""
-        return f"{why}{matched}; last error: {first_line}"
+        return f"{why}{matched}; last error: {quoted}"
+
+
+#: A history reason quotes this much of an error's first line; the job keeps the whole error.
+REASON_QUOTE = 300
+
+
+def first_line(text: str) -> str:
+    """The first line of ``text``, marked where it is cut (a reason ending mid-word reads as the whole)."""
+    lines = text.strip().splitlines()
+    if not lines:
+        return ""
+    line = lines[0]
+    return line if len(line) <= REASON_QUOTE else line[:REASON_QUOTE].rstrip() + " [...]"
 
 
 def check_pattern(pattern: str) -> None:
