@@ -223,6 +223,15 @@ class TestFailed:
         text = failure_text(Failed("no symbols", transient=False, missing=many))
         assert len(text) <= MAX_ERROR and text.startswith("no symbols\n") and " more" in text.splitlines()[-1]
 
+    def test_modules_that_did_not_fail_the_attempt_are_not_asked_for(self) -> None:
+        """An admin told to install libc's symbols "then retry" would fetch what the retry does not need."""
+        main, libc = Missing(BUILD_ID, "/usr/bin/crashy"), Missing(f"{7:040x}", "/lib/libc.so.6")
+        text = failure_text(Failed(f"no symbols for build-id {BUILD_ID}", transient=True, missing=[main, libc],
+                                   blocking=[main]))
+        assert "did not fail this attempt" in text and "then retry" not in text and libc.build_id in text
+        unjudged = failure_text(Failed("gdb timed out", transient=True, missing=[libc]))
+        assert "then retry the job" in unjudged
+
     def test_a_build_id_the_error_names_is_not_repeated(self) -> None:
         text = failure_text(Failed(f"no debug file for {BUILD_ID}", transient=False,
                                    missing=[Missing(BUILD_ID, "/lib/x.so")]))
