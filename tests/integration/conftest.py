@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,18 +149,27 @@ def debuginfod(tmp_path: Path) -> Iterator[Debuginfod]:
     _need_tools("debuginfod", "unshare", "nsenter", "ip")
     root = tmp_path / "debuginfod-root"
     root.mkdir()
+    with running_debuginfod(tmp_path, f"-F -d {tmp_path / 'debuginfod.db'} -t 1 -g 0 -c 1", root) as server:
+        yield server
+
+
+@contextmanager
+def running_debuginfod(tmp_path: Path, options: str, root: Path) -> Iterator[Debuginfod]:
+    """``debuginfod OPTIONS -p PORT ROOT`` alone in a network namespace of its own, once it answers; stopped
+    after. Its log is ``tmp_path/debuginfod.log``."""
     port = 8002
-    log = open(tmp_path / "debuginfod.log", "wb")  # noqa: SIM115  (closed after the server stops)
+    log_path = tmp_path / "debuginfod.log"
+    log = open(log_path, "wb")  # noqa: SIM115  (closed after the server stops)
     # unshare and sh exec: the pid is debuginfod's, and its namespace is the one gdb_wrapper enters.
     proc = subprocess.Popen(["unshare", "--net", "--", "sh", "-c",
-                             f"ip link set lo up && exec debuginfod -F -p {port} -d {tmp_path / 'debuginfod.db'} "
-                             f"-t 1 -g 0 -c 1 {root}"], stdout=log, stderr=subprocess.STDOUT)
+                             f"ip link set lo up && exec debuginfod {options} -p {port} {root}"],
+                            stdout=log, stderr=subprocess.STDOUT)
     server = Debuginfod(root, proc.pid, port)
     try:
         deadline = time.monotonic() + 30
         while server.status("/metrics") != 200:
             if proc.poll() is not None or time.monotonic() > deadline:
-                detail = (tmp_path / "debuginfod.log").read_text(errors="replace")[-2000:]
+                detail = log_path.read_text(errors="replace")[-2000:]
                 (pytest.fail if IN_CI else pytest.skip)(f"debuginfod did not start in a network namespace "
                                                         f"(root needed for unshare --net): {detail}")
             time.sleep(0.2)

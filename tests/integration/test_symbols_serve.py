@@ -31,7 +31,7 @@ from retracer.testing.instance import RETRACER, Instance
 from retracer.web.app import create_app
 
 from ..conftest import AMQP_URL, IN_CI, require_server, truncate_all
-from .conftest import Debuginfod
+from .conftest import Debuginfod, running_debuginfod
 
 
 def _need(*tools: str) -> None:
@@ -217,30 +217,9 @@ def peer(built: Built, tmp_path: Path) -> Iterator[Debuginfod]:
     root.mkdir()
     for package in (built.pkgs.deb, built.pkgs.ddeb):
         shutil.copyfile(package, root / package.name)
-    port = 8002
-    log = open(tmp_path / "peer.log", "wb")  # noqa: SIM115  (closed after the server stops)
-    proc = subprocess.Popen(["unshare", "--net", "--", "sh", "-c",
-                             f"ip link set lo up && exec debuginfod -U -t 0 -g 0 -d :memory: -p {port} {root}"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    server = Debuginfod(root, proc.pid, port)
-    try:
-        deadline = time.monotonic() + 30
-        while server.status("/metrics") != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                detail = (tmp_path / "peer.log").read_text(errors="replace")[-2000:]
-                (pytest.fail if IN_CI else pytest.skip)(f"debuginfod did not start in a network namespace "
-                                                        f"(root needed for unshare --net): {detail}")
-            time.sleep(0.2)
+    with running_debuginfod(tmp_path, "-U -t 0 -g 0 -d :memory:", root) as server:
         server.wait_for(built.build_id)
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def peer_bytes(peer: Debuginfod, kind: str, build_id: str, tmp_path: Path) -> bytes:
