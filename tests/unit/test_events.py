@@ -15,7 +15,7 @@ from retracer import events as ev
 from retracer.errors import InvalidEvent
 from retracer.events import MAX_BODY_BYTES, TYPES
 
-# What the contract (PRODUCT.md, README "Events") promises for each data field: its kind and its size limit.
+# What the contract (README, "Events") promises for each data field: its kind and its size limit.
 # A field added to events.TYPES without an entry here fails test_every_field_is_specified.
 MIB = 1024 * 1024
 FIELDS: dict[str, tuple[str, int]] = {
