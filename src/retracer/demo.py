@@ -348,6 +348,7 @@ def _verdict(story: Story, config: cfg.Config, factory: sessionmaker[Session]) -
     rescued = next(c.job for c in CRASHES if c.outcomes[0] == "no-symbols")
     shows = [f"retracer show {rescued}"] + ([f"retracer show {real.job}     # the real crash"] if real else [])
     for cmd in ("retracer jobs", *shows, "retracer states --diagram", "retracer mail list",
+                "retracer web          # the status pages on http://127.0.0.1:8080/ (Ctrl-C stops it)",
                 "retracer serve        # keep the service running; Ctrl-C stops it cleanly"):
         out(f"  {cmd}")
     return 0
