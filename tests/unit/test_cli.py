@@ -124,6 +124,18 @@ class TestShow:
         times = [datetime.fromisoformat(h["at"]) for h in history]
         assert times == sorted(times) and all(t.utcoffset() == timedelta(0) for t in times)
 
+    def test_backtrace(self, rt: Retracer) -> None:
+        """show --backtrace prints the stored backtrace; a job without one is an error saying why."""
+        job = rt.submit("c1")
+        missing = rt.run(f"show {job} --backtrace")
+        assert missing.exit_code == 1 and "has no backtrace yet (it is PENDING" in missing.output
+        assert rt.run(f"show {job} --backtrace --json").output.count("{") == 1
+        rt.apply("retrace.started", job, worker="w1")
+        rt.apply("upload.accepted", job, leaf="upload-1", result="#0  crash_here () at crash.c:2\n\x1b[2J")
+        assert rt.ok(f"show {job} --backtrace") == "#0  crash_here () at crash.c:2\n\\x1b[2J\n"
+        assert rt.json(f"show {job} --backtrace") == {"job": job,
+                                                       "backtrace": "#0  crash_here () at crash.c:2\n\x1b[2J"}
+
     def test_hold_reason(self, rt: Retracer) -> None:
         """show --json carries the hold reason of a held job."""
         job = rt.submit("c1")

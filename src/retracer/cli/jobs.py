@@ -128,12 +128,19 @@ def jobs_cmd(app: AppContext, state: str | None, duplicates_of: int | None, limi
 
 @cli.command()
 @click.argument("job_id", type=ROW_ID, metavar="JOB")
+@click.option("--backtrace", is_flag=True, help="Print the job's stored backtrace instead (--json: {\"job\", "
+              "\"backtrace\"}); exit 1 if it has none yet.")
 @json_option
 @pass_app
-def show(app: AppContext, job_id: int, as_json: bool) -> None:
+def show(app: AppContext, job_id: int, backtrace: bool, as_json: bool) -> None:
     """Everything about one job, with its history."""
     with app.transaction() as session:
         data = reports.job_detail(session, job_id)
+        stored = session.get(Job, job_id)
+        result = stored.result if stored is not None else None
+    if backtrace:
+        _show_backtrace(job_id, data["state"], result, as_json)
+        return
     if as_json:
         emit_json(data)
         return
@@ -172,6 +179,16 @@ def show(app: AppContext, job_id: int, as_json: bool) -> None:
     click.echo(table(["AT", "EVENT", "FROM", "TO", "TRIGGER", "BY", "REASON"],
                      [[when(h["at"]), h["event_id"], h["from"] or "-", h["to"], h["trigger"], h["by"], h["reason"]]
                       for h in data["history"]]))
+
+
+def _show_backtrace(job_id: int, state: str, result: str | None, as_json: bool) -> None:
+    if not result:
+        raise RetracerError(f"job {job_id} has no backtrace yet (it is {state}: a job has one once its upload "
+                            f"was accepted); `retracer show {job_id}` tells where it is")
+    if as_json:
+        emit_json({"job": job_id, "backtrace": result})
+    else:
+        click.echo(printable(result.rstrip("\n"), lines=True))
 
 
 @cli.command()
