@@ -107,13 +107,17 @@ def svg(spec: Spec) -> str:
            'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker></defs>']
     first = boxes[spec.initial]
     start_x, start_y = first.x, first.y - BOX_H / 2 - TOP
+    drawn: list[tuple[str, str]] = []
     for (source, dest), labels in edges.items():
         if source not in boxes:  # the creating transition: from the start dot
-            out.append(_arrow_from_start(start_x, start_y, boxes[dest], labels))
+            drawn.append(_arrow_from_start(start_x, start_y, boxes[dest], labels))
         elif source == dest:
-            out.append(_loop(boxes[source], labels))
+            drawn.append(_loop(boxes[source], labels))
         else:
-            out.append(_arrow(boxes[source], boxes[dest], labels))
+            drawn.append(_arrow(boxes[source], boxes[dest], labels))
+    # Every label after every line: a line drawn later would otherwise cross out an earlier arrow's label.
+    out.extend(path for path, _ in drawn)
+    out.extend(label for _, label in drawn)
     out.append(f'<circle class="start" cx="{start_x:.1f}" cy="{start_y:.1f}" r="{START_R}"><title>a new job'
                f'</title></circle>')
     for name, box in boxes.items():
@@ -136,7 +140,7 @@ def _label(x: float, y: float, labels: list[str], anchor: str = "middle") -> str
     return f'<text class="edge-label {anchor}" x="{x:.1f}" y="{first:.1f}">{spans}</text>'
 
 
-def _arrow(a: Box, b: Box, labels: list[str]) -> str:
+def _arrow(a: Box, b: Box, labels: list[str]) -> tuple[str, str]:
     dx, dy = b.x - a.x, b.y - a.y
     dist = math.hypot(dx, dy)
     # Bent to the left of its direction, so the arrows of a pair of states going both ways do not overlap;
@@ -158,22 +162,23 @@ def _arrow(a: Box, b: Box, labels: list[str]) -> str:
         label = _label(mx, my + shift, labels)
     title = escape(f"{a.name} → {b.name}: {', '.join(labels)}")
     return (f'<g class="edge"><title>{title}</title>'
-            f'<path d="M {x1:.1f} {y1:.1f} Q {cx:.1f} {cy:.1f} {x2:.1f} {y2:.1f}" marker-end="url(#arrow)"/>'
-            f'{label}</g>')
+            f'<path d="M {x1:.1f} {y1:.1f} Q {cx:.1f} {cy:.1f} {x2:.1f} {y2:.1f}" marker-end="url(#arrow)"/></g>',
+            f'<g><title>{title}</title>{label}</g>')
 
 
-def _arrow_from_start(x: float, y: float, b: Box, labels: list[str]) -> str:
+def _arrow_from_start(x: float, y: float, b: Box, labels: list[str]) -> tuple[str, str]:
     y2 = b.y - BOX_H / 2
-    return (f'<g class="edge"><title>{escape("new job → " + b.name + ": " + ", ".join(labels))}</title>'
-            f'<path d="M {x:.1f} {y + START_R:.1f} L {b.x:.1f} {y2:.1f}" marker-end="url(#arrow)"/>'
-            f'{_label(x + 8, (y + y2) / 2, labels, "left")}</g>')
+    title = escape("new job → " + b.name + ": " + ", ".join(labels))
+    return (f'<g class="edge"><title>{title}</title>'
+            f'<path d="M {x:.1f} {y + START_R:.1f} L {b.x:.1f} {y2:.1f}" marker-end="url(#arrow)"/></g>',
+            f'<g><title>{title}</title>{_label(x + 8, (y + y2) / 2, labels, "left")}</g>')
 
 
-def _loop(box: Box, labels: list[str]) -> str:
+def _loop(box: Box, labels: list[str]) -> tuple[str, str]:
     # On the right side: arrows between columns leave from the top and bottom.
     right = box.x + BOX_W / 2
     title = escape(f"{box.name} stays {box.name}: {', '.join(labels)}")
     return (f'<g class="edge loop"><title>{title}</title>'
             f'<path d="M {right:.1f} {box.y - 12:.1f} C {right + 44:.1f} {box.y - 34:.1f} {right + 44:.1f} '
-            f'{box.y + 34:.1f} {right:.1f} {box.y + 12:.1f}" marker-end="url(#arrow)"/>'
-            f'{_label(right + 40, box.y, labels, "left")}</g>')
+            f'{box.y + 34:.1f} {right:.1f} {box.y + 12:.1f}" marker-end="url(#arrow)"/></g>',
+            f'<g><title>{title}</title>{_label(right + 40, box.y, labels, "left")}</g>')
