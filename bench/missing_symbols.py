@@ -7,6 +7,7 @@ N jobs (default 100,000) each wait for 3 of B build-ids (default 2,000; one buil
 every job), written in bulk as a failed attempt leaves them, half queued for a retry and half held. Then:
 
   listing_ms        reports.missing_symbols(session, 50): the most-waited-for 50 build-ids with their jobs
+  page_listing_ms   the same as the status page counts it: over the newest reports.MISSING_SCAN reports only
   release_none_ms   release_unblocked after an import that covers nothing anybody waits for
   release_one_ms    release_unblocked after an import of the debug file of one build-id (its jobs still
                     wait for others: none is released, their rows for it go)
@@ -32,6 +33,7 @@ from sqlalchemy.orm import Session
 from retracer import reports, store
 from retracer.store import bulk
 from retracer.store.models import Job, MissingSymbol, SymbolArchive, SymbolFile, utcnow
+from retracer.symbols import missing
 from retracer.symbols.release import release_unblocked
 from retracer.testing.postgres import scratch_postgres
 from retracer.workflow import load_spec
@@ -91,6 +93,8 @@ def measure(url: str, jobs: int, build_ids: int) -> dict[str, float]:
     fill(url, jobs, build_ids)
     return {
         "listing_ms": timed(url, lambda s: reports.missing_symbols(s, 50)),
+        "page_listing_ms": timed(url, lambda s: missing.listing(
+            s, 50, after_id=missing.window_start(s, reports.MISSING_SCAN))),
         "release_none_ms": timed(url, imported("ee" * 20, 1)),
         "release_one_ms": timed(url, imported(f"{5:040x}", 2)),
         "release_none_scan_ms": timed(url, imported("ef" * 20, 3, named=False)),

@@ -21,7 +21,7 @@ from retracer.apply.applier import Applier, Outcome
 from retracer.cli import cli
 from retracer.errors import InvalidEvent
 from retracer.store.models import History, Job, MissingSymbol, SymbolArchive, SymbolFile, utcnow
-from retracer.symbols.missing import listing, of_job
+from retracer.symbols.missing import listing, of_job, window_start
 from retracer.symbols.release import release_unblocked
 from retracer.testing.factories import crash_data, event
 from retracer.worker.loop_attempt import missing_field
@@ -239,6 +239,20 @@ class TestListing:
         (row,) = world.listing(jobs_per_build_id=2)
         assert (row["waiting"], row["jobs"]) == (4, jobs[:2])
         assert world.listing(limit=0) == []
+
+    def test_a_window_counts_only_the_latest_reports(self, world: World) -> None:
+        """What the status page shows: the reports after window_start, the newest ones."""
+        first = world.waiting_job(A, B)
+        second = world.waiting_job(B)
+        with world.factory() as session:
+            assert window_start(session, 3) is None
+            after = window_start(session, 1)
+        assert after is not None
+        assert [(r["build_id"], r["waiting"], r["jobs"]) for r in world.listing(after_id=after)] == [(B, 1, [second])]
+        # A window holding every report lists what the whole aggregate does.
+        assert world.listing(after_id=0) == world.listing()
+        assert [(r["build_id"], r["waiting"], r["jobs"]) for r in world.listing()] == [(B, 2, [first, second]),
+                                                                                  (A, 1, [first])]
 
     def test_the_command(self, world: World, tmp_path: Path, db_url: str) -> None:
         """`retracer symbols missing` prints the table, --json the listing, --limit bounds it."""

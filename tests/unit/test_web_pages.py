@@ -296,6 +296,14 @@ class TestOverview:
         assert gedit[2] == "1" and gedit[3] == f"#{site.world.one('held_permanent')}"
         assert rows["feedfacefeedfacefeedfacefeedfacefeedface"][1] == webworld.HOSTILE_MODULE
 
+    def test_missing_symbols_past_the_window_say_so(self, site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Only the newest reports are counted on the page (one view must stay fast); it says so."""
+        assert "most recent reports" not in site.get("/").said("missing-symbols")
+        monkeypatch.setattr(reports, "MISSING_SCAN", 1)
+        page = site.get("/")
+        assert "Counted over the 1 most recent reports" in page.said("missing-symbols")
+        assert len(page.body_rows("missing-symbols")) == 1
+
     def test_no_missing_symbols_says_none(self, tmp_path: Path, sqlite_url: str) -> None:
         config = make_config(tmp_path / "data", sqlite_url)
         engine = store.make_engine(config.database_url)

@@ -60,18 +60,30 @@ def waiting_states() -> tuple[str, ...]:
     return (roles.queue, roles.held)
 
 
-def listing(session: Session, limit: int = 50, jobs_per_build_id: int = JOBS_PER_BUILD_ID) -> list[dict[str, Any]]:
+def window_start(session: Session, recent: int) -> int | None:
+    """The row id after which the ``recent`` newest reports lie, or None when there are no more than that:
+    a listing ``after_id`` it reads an index range of at most ``recent`` rows."""
+    older = session.scalar(select(MissingSymbol.id).order_by(MissingSymbol.id.desc()).offset(recent).limit(1))
+    return None if older is None else int(older)
+
+
+def listing(session: Session, limit: int = 50, jobs_per_build_id: int = JOBS_PER_BUILD_ID,
+            after_id: int | None = None) -> list[dict[str, Any]]:
     """The build-ids jobs still wait for, the most-waited-for first (then by build-id): each with its module
     (one of the paths workers reported for it), how many jobs wait (``waiting``), which (``jobs``: the ids of
     the first ``jobs_per_build_id`` to report it, in that order), and since when (``since``: the first report).
 
     An aggregate over the missing_symbol rows of waiting jobs (by the job's state index and missing_symbol's
     job_id index), then one statement per 50 listed build-ids for their first jobs, each part stopping at its
-    bound: a build-id every job lacks costs no more to list than one a single job lacks."""
+    bound: a build-id every job lacks costs no more to list than one a single job lacks. With ``after_id``
+    (see window_start) only the reports after that row count, read in one range of the primary key and
+    summed here: what a page that must stay fast shows."""
     limit = max(0, min(int(limit), MAX_LIMIT))
     if limit == 0:
         return []
     states = waiting_states()
+    if after_id is not None:
+        return _window_listing(session, limit, jobs_per_build_id, after_id, states)
     waiting = func.count().label("waiting")
     top = session.execute(
         select(MissingSymbol.build_id, func.max(MissingSymbol.module), waiting, func.min(MissingSymbol.recorded_at))
@@ -99,6 +111,27 @@ def listing(session: Session, limit: int = 50, jobs_per_build_id: int = JOBS_PER
     jobs = {b: [job_id for _, job_id in sorted(rows)] for b, rows in found.items()}
     return [{"build_id": build_id, "module": module, "waiting": int(count), "jobs": jobs[build_id],
              "since": since} for build_id, module, count, since in top]
+
+
+def _window_listing(session: Session, limit: int, jobs_per_build_id: int, after_id: int,
+                    states: tuple[str, ...]) -> list[dict[str, Any]]:
+    """listing() over the reports after ``after_id`` (at most window_start's count of rows, oldest first)."""
+    rows = session.execute(
+        select(MissingSymbol.build_id, MissingSymbol.module, MissingSymbol.job_id, MissingSymbol.recorded_at)
+        .join(Job, Job.id == MissingSymbol.job_id)
+        .where(MissingSymbol.id > after_id, Job.state.in_(states))
+        .order_by(MissingSymbol.id))
+    found: dict[str, dict[str, Any]] = {}
+    for build_id, module, job_id, at in rows:
+        entry = found.setdefault(build_id, {"build_id": build_id, "module": module, "waiting": 0, "jobs": [],
+                                            "since": at})
+        entry["waiting"] += 1
+        entry["module"] = max(entry["module"] or "", module or "") or None
+        entry["since"] = min(entry["since"], at)
+        if len(entry["jobs"]) < jobs_per_build_id:
+            entry["jobs"].append(int(job_id))
+    ranked = sorted(found.values(), key=lambda e: (-e["waiting"], e["build_id"]))
+    return ranked[:limit]
 
 
 def of_job(session: Session, job_id: int) -> list[dict[str, Any]]:
