@@ -80,6 +80,14 @@ def make_core(executable: Path, core: Path) -> Path:
         pytest.skip(str(exc))
 
 
+def crashed_program(where: Path) -> tuple[crashes.Program, Path]:
+    """The crashing program built in ``where`` and a core of its crash (skipped, or failed in CI, without the
+    tools that make them)."""
+    _need_tools(*crashes.TOOLS)
+    program = crashes.build(where)
+    return program, make_core(program.executable, where / "core")
+
+
 def build_crash(where: Path, source: str = crashes.CRASH_SOURCE, name: str = "prog") -> tuple[Path, Path, str]:
     """(stripped executable, debug file, build-id) of ``source`` compiled in ``where``."""
     program = crashes.build(where, source, name)

@@ -9,27 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-from retracer.testing import crashes
 from retracer.testing.instance import Instance
 from retracer.workflow import load
 
-from ..conftest import IN_CI
+from .conftest import crashed_program
 
 ROLES = load().roles
-
-
-def build(where: Path) -> tuple[crashes.Program, Path]:
-    missing = crashes.missing_tools()
-    if missing:
-        (pytest.fail if IN_CI else pytest.skip)(f"missing {', '.join(missing)} (.ci/run installs them)")
-    program = crashes.build(where)
-    try:
-        core = crashes.make_core([program.executable], where / "core")
-    except crashes.CrashNotMade as exc:
-        pytest.skip(str(exc))
-    return program, core
 
 
 def state_of(inst: Instance, job: int) -> str:
@@ -37,7 +22,7 @@ def state_of(inst: Instance, job: int) -> str:
 
 
 def test_an_import_releases_the_job_its_missing_symbols_held(instance: Instance, tmp_path: Path) -> None:
-    program, core = build(tmp_path / "crash")
+    program, core = crashed_program(tmp_path / "crash")
     debug_dir = tmp_path / "debug"  # the worker looks here; empty until the admin installs the debug file
     debug_dir.mkdir()
     inst = instance

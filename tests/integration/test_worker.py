@@ -28,7 +28,8 @@ from retracer.testing.instance import Instance
 from retracer.worker.loop import Worker
 from retracer.worker.request import Failed, Outcome, Request, Retraced
 
-from ..conftest import AMQP_URL, IN_CI, require_server
+from ..conftest import AMQP_URL, require_server
+from .conftest import crashed_program
 
 BACKTRACE = "#0  0x0000555555555131 in main () at crash.c:3\n"
 
@@ -233,14 +234,7 @@ class TestRabbitMQ:
 
 def build_crash(where: Path) -> tuple[Path, Path, Path, str]:
     """(executable without debug info, its core, a debug directory holding .build-id/xx/rest.debug, build-id)."""
-    missing = crashes.missing_tools()
-    if missing:
-        (pytest.fail if IN_CI else pytest.skip)(f"missing {', '.join(missing)} (.ci/run installs them)")
-    program = crashes.build(where)
-    try:
-        core = crashes.make_core([program.executable], where / "core")
-    except crashes.CrashNotMade as exc:
-        pytest.skip(str(exc))
+    program, core = crashed_program(where)
     return program.executable, core, program.install_debug(where / "debug"), program.build_id
 
 
