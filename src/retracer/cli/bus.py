@@ -35,7 +35,6 @@ from retracer.cli.context import (
 from retracer.errors import DatabaseUnavailable, InvalidEvent, RetracerError
 from retracer.ops import crashmail, lock
 from retracer.service import Service
-from retracer.service.metrics import expose_service
 from retracer.store.models import Audit, ProcessedEvent, Rejected, utcnow
 
 
@@ -67,6 +66,9 @@ def serve(app: AppContext, until_idle: bool, lock_path: str | None, break_stale_
 
 
 def _serve(app: AppContext, until_idle: bool, as_json: bool) -> None:
+    # Imported here: prometheus_client costs every other command ~18 ms of start-up.
+    from retracer.service.metrics import expose_service
+
     service = Service(app.config, app.factory)
     exporter = expose_service(service)  # [service] metrics_port; None when 0
     service.install_signal_handlers()

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.progress import Progress as Bar
@@ -22,9 +23,10 @@ from retracer.cli.context import (
     printable,
     table,
 )
-from retracer.symbols.archive import Limits
-from retracer.symbols.importer import ArchiveResult, ImportReport, import_paths
 from retracer.symbols.index import Found, lookup, normalise_build_id, package_files
+
+if TYPE_CHECKING:
+    from retracer.symbols.importer import ArchiveResult, ImportReport
 
 #: More rows than this and `import` prints only the counts and the failures (a distribution's worth of
 #: packages is not read as a table).
@@ -55,6 +57,10 @@ def import_(app: AppContext, paths: tuple[Path, ...], actor: str | None, dry_run
     Jobs waiting only for build-ids an import brings are released. --dry-run reads and reports, changing
     nothing.
     """
+    # Imported here: libarchive and the package readers cost every other command ~60 ms of start-up.
+    from retracer.symbols.archive import Limits
+    from retracer.symbols.importer import import_paths
+
     limits = Limits.from_config(app.config)
     factory = app.factory
     show_bar = not as_json and sys.stdout.isatty()

@@ -9,7 +9,6 @@ from retracer.cli import cli
 from retracer.cli.context import AppContext, emit_json, json_option, lock_options, pass_app, printable
 from retracer.ops import crashmail, lock
 from retracer.worker.loop import Summary, Worker
-from retracer.worker.metrics import expose_worker
 
 
 @cli.command()
@@ -34,6 +33,9 @@ def worker(app: AppContext, once: bool, concurrency: int | None, lock_path: str 
     traceback, mails [mail] maintainers through the outbox and exits 1, leaving the --lock behind.
     """
     logs.setup(log_level)
+    # Imported here: prometheus_client costs every other command ~15 ms of start-up.
+    from retracer.worker.metrics import expose_worker
+
     with crashmail.reported(app, "worker"):
         # With a broker a worker needs no database (its host may hold broker credentials alone).
         factory = app.factory if app.config.embedded_bus else None

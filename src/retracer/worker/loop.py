@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,9 +38,11 @@ from retracer.errors import InvalidEvent, RetracerError
 from retracer.ops import lock
 from retracer.uploads import spool
 from retracer.worker.loop_attempt import STARTED, Engine, Result, Setup, make_event, run_attempt
-from retracer.worker.metrics import WorkerMetrics
 from retracer.worker.request import Request
 from retracer.worker.sources import Delivery, Source, open_source
+
+if TYPE_CHECKING:
+    from retracer.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("retracer.worker")
 
